@@ -1,0 +1,42 @@
+"""JupyterHub configuration for LabVM on one node (the embedded default).
+
+This machine is the only node and a local directory is the layer store. Run it
+with ``scripts/start-hub.sh``, which installs and starts what is missing first.
+"""
+
+import os
+import secrets
+
+import docker
+
+from labvm_spawner.network import ensure_network
+
+c = get_config()  # noqa: F821
+state = os.environ.get("LABVM_STATE_DIR", "/var/lib/labvm")
+os.makedirs(f"{state}/hub", exist_ok=True)
+
+c.JupyterHub.spawner_class = "labvm"
+c.JupyterHub.bind_url = "http://127.0.0.1:8000"
+# The hub's API listens on the containers' bridge gateway, the one address both
+# the proxy (on this host) and the containers can reach.
+c.JupyterHub.hub_ip = ensure_network(docker.from_env(), "labvm")
+c.JupyterHub.hub_port = 8081
+# Servers are containers that outlive the hub: a restarted hub reattaches to them.
+c.JupyterHub.cleanup_servers = False
+c.JupyterHub.db_url = f"sqlite:///{state}/hub/jupyterhub.sqlite"
+c.JupyterHub.pid_file = f"{state}/hub/jupyterhub.pid"
+# No secret on disk: a fresh cookie secret per hub start (users log in again after a restart).
+c.JupyterHub.cookie_secret = secrets.token_bytes(32)
+
+# Accounts: self sign-up with bcrypt-hashed passwords; an admin approves new users.
+c.JupyterHub.authenticator_class = "native"
+c.Authenticator.admin_users = {"admin"}
+c.NativeAuthenticator.open_signup = False
+c.Authenticator.allow_all = False
+
+c.LabVMSpawner.state_dir = state
+c.LabVMSpawner.policy = {"cpus": 2, "mem": "4G", "pids": 2048, "max_gpus": 1}
+c.LabVMSpawner.admin_policy = {"max_gpus": 8, "cpus": 8, "mem": "32G"}
+c.Spawner.default_url = "/lab"
+c.Spawner.start_timeout = 180
+c.Spawner.http_timeout = 120

@@ -1,0 +1,45 @@
+"""The ``labvm`` command line for admins (and for tests that only know the command line)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _image_build(args: argparse.Namespace) -> int:
+    from . import images
+
+    tag = images.build_all()
+    print(tag)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="labvm", description="LabVM administration")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    image = sub.add_parser("image", help="LabVM's container images")
+    image_sub = image.add_subparsers(dest="image_command", required=True)
+    build = image_sub.add_parser("build", help="build the base and user images (cached by content)")
+    build.set_defaults(func=_image_build)
+
+    try:
+        from .storage import cli as storage_cli
+    except ImportError:
+        storage_cli = None
+    if storage_cli is not None and hasattr(storage_cli, "register"):
+        storage = sub.add_parser("storage", help="the layer store: merge, sync, versions, fsck")
+        storage_cli.register(storage.add_subparsers(dest="storage_command", required=True))
+        storage.set_defaults(func=storage_cli.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""Errors shared across LabVM modules."""
+
+
+class LabVMError(Exception):
+    """A refusal whose message is meant for the user."""

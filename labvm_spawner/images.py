@@ -1,0 +1,187 @@
+"""Building LabVM's images without a registry, and unpacking them as overlay layers.
+
+No registry is reachable, so the base image is made with ``debootstrap`` and
+``docker import``. Every image is tagged with a hash of its inputs: a rebuild
+after no change finds the tag and returns in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+import docker
+import docker.errors
+
+log = logging.getLogger(__name__)
+
+IMAGES_DIR = Path(__file__).resolve().parent.parent / "images"
+USER_IMAGE = "labvm/user:latest"
+
+
+def _hash_tree(*paths: Path, extra: str = "") -> str:
+    h = hashlib.sha256(extra.encode())
+    for root in paths:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for f in files:
+            h.update(str(f.relative_to(root.parent)).encode() + b"\0")
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _has_image(client: docker.DockerClient, tag: str) -> bool:
+    try:
+        client.images.get(tag)
+        return True
+    except docker.errors.ImageNotFound:
+        return False
+
+
+def _read_recipe(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            k, _, v = line.partition("=")
+            out[k.strip()] = v.strip()
+    return out
+
+
+def build_base(client: docker.DockerClient, images_dir: Path = IMAGES_DIR) -> str:
+    """The debootstrapped Debian base image; returns its tag."""
+    recipe_file = images_dir / "base" / "recipe.env"
+    tag = f"labvm/base:{_hash_tree(recipe_file)}"
+    if _has_image(client, tag):
+        return tag
+    recipe = _read_recipe(recipe_file)
+    if not shutil.which("debootstrap"):
+        raise RuntimeError("debootstrap is not installed (apt-get install debootstrap)")
+    log.info("debootstrapping %s into a new base image %s", recipe["SUITE"], tag)
+    with tempfile.TemporaryDirectory(prefix="labvm-base-") as tmp:
+        target = Path(tmp) / "root"
+        subprocess.run(
+            ["debootstrap", f"--variant={recipe['VARIANT']}", recipe["SUITE"], str(target),
+             recipe["MIRROR"]],
+            check=True, stdout=subprocess.DEVNULL,
+        )
+        tar = subprocess.Popen(["tar", "-C", str(target), "--numeric-owner", "-c", "."],
+                               stdout=subprocess.PIPE)
+        subprocess.run(["docker", "import", "-", tag], stdin=tar.stdout, check=True,
+                       stdout=subprocess.DEVNULL)
+        if tar.wait() != 0:
+            raise RuntimeError("tar of the debootstrapped tree failed")
+    return tag
+
+
+def _ca_bundle() -> Path:
+    for cand in (os.environ.get("PIP_CERT"), os.environ.get("REQUESTS_CA_BUNDLE"),
+                 "/etc/ssl/certs/ca-certificates.crt"):
+        if cand and Path(cand).is_file():
+            return Path(cand)
+    raise RuntimeError("no CA bundle found for pip (set PIP_CERT)")
+
+
+def build_user(client: docker.DockerClient, base_tag: str,
+               images_dir: Path = IMAGES_DIR) -> str:
+    """The user image on top of ``base_tag``; returns its content tag (also tagged latest)."""
+    src = images_dir / "user"
+    tag = f"labvm/user:{_hash_tree(src, extra=base_tag)}"
+    if not _has_image(client, tag):
+        log.info("building %s", tag)
+        with tempfile.TemporaryDirectory(prefix="labvm-user-") as tmp:
+            ctx = Path(tmp) / "ctx"
+            shutil.copytree(src, ctx)
+            # Build-time only: the Dockerfile deletes it in the step that uses it.
+            shutil.copyfile(_ca_bundle(), ctx / "build-ca.crt")
+            proc = subprocess.run(
+                ["docker", "build", "-q", "--build-arg", f"BASE={base_tag}", "-t", tag, str(ctx)],
+                capture_output=True, text=True,
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(f"docker build of {tag} failed:\n{proc.stderr[-4000:]}")
+    client.images.get(tag).tag(USER_IMAGE)
+    return tag
+
+
+def build_all(client: docker.DockerClient | None = None) -> str:
+    client = client or docker.from_env()
+    return build_user(client, build_base(client))
+
+
+def image_id(client: docker.DockerClient, image: str) -> str:
+    return client.images.get(image).id.split(":", 1)[-1]
+
+
+def prepare_rootfs(client: docker.DockerClient, image: str, cache_dir: Path,
+                   shift: int) -> Path:
+    """The image's root filesystem unpacked under ``cache_dir``, owners shifted by ``shift``.
+
+    This is the shared bottom layer of every user's overlay. Owners are stored
+    shifted into dockerd's userns-remap range, so the container's root (which is
+    host uid ``shift``) owns what the image's root owned. Unpacked once per
+    image id and shift; a finished tree is marked by renaming it into place.
+    """
+    final = cache_dir / f"{image_id(client, image)[:24]}-{shift}"
+    if final.is_dir():
+        return final
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=cache_dir))
+    container = client.containers.create(image, command=["/bin/true"])
+    try:
+        tar = subprocess.Popen(
+            ["tar", "-x", "-p", "--numeric-owner", "--xattrs", "--xattrs-include=*",
+             "-C", str(partial), "-f", "-"],
+            stdin=subprocess.PIPE,
+        )
+        try:
+            _copy_shifted(_ChunkReader(container.export()), tar.stdin, shift)
+        finally:
+            tar.stdin.close()
+        if tar.wait() != 0:
+            raise RuntimeError(f"unpacking {image} failed")
+        os.chown(partial, shift, shift)
+        partial.chmod(0o755)
+        os.rename(partial, final)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        container.remove(force=True)
+    return final
+
+
+class _ChunkReader:
+    """A file-like reader over the byte chunks docker's export yields."""
+
+    def __init__(self, chunks):
+        self._it = iter(chunks)
+        self._buf = b""
+
+    def read(self, n: int = -1) -> bytes:
+        while n < 0 or len(self._buf) < n:
+            try:
+                self._buf += next(self._it)
+            except StopIteration:
+                break
+        if n < 0:
+            out, self._buf = self._buf, b""
+        else:
+            out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+
+def _copy_shifted(src, dst, shift: int) -> None:
+    with tarfile.open(fileobj=src, mode="r|") as tin, \
+            tarfile.open(fileobj=dst, mode="w|", format=tarfile.PAX_FORMAT) as tout:
+        for member in tin:
+            member.uid += shift
+            member.gid += shift
+            member.uname = member.gname = ""
+            fobj = tin.extractfile(member) if member.isreg() else None
+            tout.addfile(member, fobj)

@@ -1,0 +1,188 @@
+#!/usr/bin/env bash
+# A throw-away, single-host MooseFS for tests and benchmarks.
+#
+#   scripts/moosefs.sh up|down|status [STATE_DIR]
+#
+# The master and the chunkserver each run in their own network namespace
+# (the chunkserver refuses a 127.x master), joined to the root namespace by a
+# bridge on a private /24, so every packet stays on this host:
+#   root ns  10.77.0.254  (bridge, used by mfsmount and the mfs* tools)
+#   master   10.77.0.1    (netns labvm-mfsm)
+#   chunk    10.77.0.2    (netns labvm-mfsc)
+# Data lives under STATE_DIR (default /var/lib/labvm/mfs-test); the file
+# system is mounted at STATE_DIR/mnt with suid,dev, goal 1 and trash time 0.
+# "up" is idempotent; "down" removes mounts, processes, namespaces and data.
+set -euo pipefail
+
+CMD=${1:-status}
+STATE=${2:-${LABVM_MFS_DIR:-/var/lib/labvm/mfs-test}}
+MNT="$STATE/mnt"
+BR=labvmmfs0
+NS_M=labvm-mfsm
+NS_C=labvm-mfsc
+NET=10.77.0
+MASTER_IP=$NET.1
+CHUNK_IP=$NET.2
+ROOT_IP=$NET.254
+
+log() { echo "moosefs.sh: $*" >&2; }
+
+ensure_packages() {
+    local missing=()
+    command -v mfsmaster >/dev/null || missing+=(moosefs-master)
+    command -v mfschunkserver >/dev/null || missing+=(moosefs-chunkserver)
+    command -v mfsmount >/dev/null || missing+=(moosefs-client)
+    command -v mfssetgoal >/dev/null || missing+=(moosefs-cli moosefs-client)
+    command -v ip >/dev/null || missing+=(iproute2)
+    if ((${#missing[@]})); then
+        log "installing ${missing[*]}"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}" >/dev/null ||
+            { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}" >/dev/null; }
+    fi
+}
+
+is_mounted() { mountpoint -q "$MNT" 2>/dev/null; }
+
+setup_net() {
+    ip link show "$BR" >/dev/null 2>&1 || ip link add "$BR" type bridge
+    ip addr show dev "$BR" | grep -q "$ROOT_IP/" || ip addr add "$ROOT_IP/24" dev "$BR"
+    ip link set "$BR" up
+    local ns ipaddr tag
+    for pair in "$NS_M:$MASTER_IP:m" "$NS_C:$CHUNK_IP:c"; do
+        IFS=: read -r ns ipaddr tag <<<"$pair"
+        ip netns list | grep -qw "$ns" || ip netns add "$ns"
+        ip netns exec "$ns" ip link set lo up
+        if ! ip netns exec "$ns" ip link show eth0 >/dev/null 2>&1; then
+            ip link del "lvmfs-$tag" >/dev/null 2>&1 || true
+            ip link add "lvmfs-$tag" type veth peer name "lvmfs-${tag}p"
+            ip link set "lvmfs-${tag}p" netns "$ns"
+            ip netns exec "$ns" ip link set "lvmfs-${tag}p" name eth0
+            ip link set "lvmfs-$tag" master "$BR" up
+        fi
+        ip netns exec "$ns" ip addr show dev eth0 | grep -q "$ipaddr/" ||
+            ip netns exec "$ns" ip addr add "$ipaddr/24" dev eth0
+        ip netns exec "$ns" ip link set eth0 up
+    done
+}
+
+write_configs() {
+    mkdir -p "$STATE"/{master,chunk,hdd,mnt}
+    chown -R mfs:mfs "$STATE/master" "$STATE/chunk" "$STATE/hdd" 2>/dev/null || true
+    if [ ! -e "$STATE/master/metadata.mfs" ] && [ ! -e "$STATE/master/metadata.mfs.back" ]; then
+        cp /var/lib/mfs/metadata.mfs.empty "$STATE/master/metadata.mfs" 2>/dev/null ||
+            echo "MFSM NEW" >"$STATE/master/metadata.mfs"
+        chown mfs:mfs "$STATE/master/metadata.mfs" 2>/dev/null || true
+    fi
+    cat >"$STATE/mfsexports.cfg" <<EOF
+$NET.0/24 / rw,alldirs,admin,maproot=0:0
+EOF
+    : >"$STATE/mfstopology.cfg"
+    cat >"$STATE/mfsmaster.cfg" <<EOF
+DATA_PATH = $STATE/master
+EXPORTS_FILENAME = $STATE/mfsexports.cfg
+TOPOLOGY_FILENAME = $STATE/mfstopology.cfg
+MATOML_LISTEN_HOST = $MASTER_IP
+MATOCS_LISTEN_HOST = $MASTER_IP
+MATOCL_LISTEN_HOST = $MASTER_IP
+ATIME_MODE = 4
+EOF
+    echo "$STATE/hdd" >"$STATE/mfshdd.cfg"
+    cat >"$STATE/mfschunkserver.cfg" <<EOF
+DATA_PATH = $STATE/chunk
+HDD_CONF_FILENAME = $STATE/mfshdd.cfg
+MASTER_HOST = $MASTER_IP
+CSSERV_LISTEN_HOST = $CHUNK_IP
+HDD_LEAVE_SPACE_DEFAULT = 1GiB
+EOF
+}
+
+ns_running() { # ns name -> true if the daemon's pid file process lives
+    local ns=$1 prog=$2
+    ip netns pids "$ns" 2>/dev/null | while read -r p; do
+        [ "$(cat /proc/"$p"/comm 2>/dev/null)" = "$prog" ] && echo "$p"
+    done | grep -q .
+}
+
+up() {
+    ensure_packages
+    modprobe fuse 2>/dev/null || true
+    setup_net
+    write_configs
+    if ! ns_running "$NS_M" mfsmaster; then
+        ip netns exec "$NS_M" mfsmaster -a -c "$STATE/mfsmaster.cfg" start >"$STATE/master.log" 2>&1 ||
+            { cat "$STATE/master.log" >&2; exit 1; }
+    fi
+    if ! ns_running "$NS_C" mfschunkserver; then
+        ip netns exec "$NS_C" mfschunkserver -c "$STATE/mfschunkserver.cfg" start >"$STATE/chunk.log" 2>&1 ||
+            { cat "$STATE/chunk.log" >&2; exit 1; }
+    fi
+    if ! is_mounted; then
+        local i
+        for i in $(seq 1 30); do
+            mfsmount "$MNT" -H "$MASTER_IP" -o suid,dev,mfsattrcacheto=0,mfsentrycacheto=0,mfsdirentrycacheto=0 \
+                >"$STATE/mount.log" 2>&1 && break
+            sleep 1
+        done
+        is_mounted || { cat "$STATE/mount.log" >&2; log "mount failed"; exit 1; }
+    fi
+    # Writes need a registered chunkserver with space: wait until a write succeeds.
+    local i ok=0
+    for i in $(seq 1 60); do
+        if echo ok >"$MNT/.labvm-probe" 2>/dev/null && sync "$MNT/.labvm-probe" 2>/dev/null &&
+            [ "$(cat "$MNT/.labvm-probe" 2>/dev/null)" = ok ]; then
+            ok=1
+            break
+        fi
+        sleep 1
+    done
+    rm -f "$MNT/.labvm-probe"
+    [ $ok = 1 ] || { log "chunkserver never became writable"; exit 1; }
+    mfssetgoal -r 1 "$MNT" >/dev/null
+    mfssettrashtime -r 0 "$MNT" >/dev/null
+    echo "$MNT"
+}
+
+down() {
+    if is_mounted; then umount "$MNT" 2>/dev/null || umount -l "$MNT"; fi
+    local ns prog
+    for ns in "$NS_C" "$NS_M"; do
+        if ip netns list | grep -qw "$ns"; then
+            prog=mfschunkserver
+            [ "$ns" = "$NS_M" ] && prog=mfsmaster
+            if [ -e "$STATE/mfs$([ $prog = mfsmaster ] && echo master || echo chunkserver).cfg" ]; then
+                timeout 60 ip netns exec "$ns" "$prog" -c \
+                    "$STATE/mfs$([ $prog = mfsmaster ] && echo master || echo chunkserver).cfg" stop \
+                    >/dev/null 2>&1 || true
+            fi
+            local p
+            for p in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
+            ip netns del "$ns" 2>/dev/null || true
+        fi
+    done
+    ip link del lvmfs-m >/dev/null 2>&1 || true
+    ip link del lvmfs-c >/dev/null 2>&1 || true
+    ip link del "$BR" >/dev/null 2>&1 || true
+    case "$STATE" in
+    / | "") ;;
+    *) rm -rf --one-file-system "$STATE" ;;
+    esac
+}
+
+status() {
+    local rc=0
+    if ns_running "$NS_M" mfsmaster; then echo "master: running ($MASTER_IP)"; else echo "master: stopped"; rc=1; fi
+    if ns_running "$NS_C" mfschunkserver; then echo "chunkserver: running ($CHUNK_IP)"; else echo "chunkserver: stopped"; rc=1; fi
+    if is_mounted; then echo "mount: $MNT"; else echo "mount: none"; rc=1; fi
+    return $rc
+}
+
+[ "$(id -u)" = 0 ] || { log "must run as root"; exit 2; }
+case "$CMD" in
+up) up ;;
+down) down ;;
+status) status ;;
+*)
+    echo "usage: $0 up|down|status [STATE_DIR]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,46 @@
+"""JupyterHub config for the end-to-end tests: the repo's own config, test knobs on top.
+
+Everything test-specific comes from the environment the harness sets
+(``tests/hubharness.py``). NVML is faked at the pynvml call boundary only.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+here = Path(__file__).resolve().parent
+sys.path.insert(0, str(here))
+
+# The repo's own configuration first, exactly as an admin would run it.
+load_subconfig(str(here.parent / "jupyterhub_config.py"))  # noqa: F821
+
+import fake_nvml  # noqa: E402
+
+fake_nvml.install(os.environ.get("LABVM_FAKE_NVML") or None)
+
+c = get_config()  # noqa: F821
+c.JupyterHub.port = int(os.environ["LABVM_TEST_PORT"])
+c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{int(os.environ['LABVM_TEST_PORT']) + 1}"
+c.JupyterHub.hub_port = int(os.environ["LABVM_TEST_PORT"]) + 2
+c.JupyterHub.db_url = f"sqlite:///{os.environ['LABVM_TEST_HUB_DIR']}/jupyterhub.sqlite"
+c.JupyterHub.pid_file = f"{os.environ['LABVM_TEST_HUB_DIR']}/jupyterhub.pid"
+c.ConfigurableHTTPProxy.pid_file = f"{os.environ['LABVM_TEST_HUB_DIR']}/proxy.pid"
+c.JupyterHub.authenticator_class = "dummy"
+c.DummyAuthenticator.password = os.environ["LABVM_TEST_PASSWORD"]
+c.Authenticator.allow_all = True
+c.JupyterHub.allow_named_servers = True
+c.JupyterHub.services = [{"name": "labvm-test", "api_token": os.environ["LABVM_TEST_API_TOKEN"]}]
+c.JupyterHub.load_roles = [{
+    "name": "labvm-test", "services": ["labvm-test"],
+    "scopes": ["admin:users", "admin:servers", "access:servers", "read:users", "admin-ui"],
+}]
+c.LabVMSpawner.state_dir = os.environ["LABVM_TEST_STATE"]
+c.LabVMSpawner.dev_root = os.environ["LABVM_TEST_DEV"]
+c.LabVMSpawner.policy = {"cpus": 1, "mem": "1G", "pids": 1024, "max_gpus": 8,
+                         "io_write_bps": "200M"}
+c.LabVMSpawner.group_policy = {"big": {"cpus": 2, "mem": "2G"}}
+c.Spawner.start_timeout = 120
+c.Spawner.http_timeout = 90
+c.LabVMSpawner.image_layer_dir = os.environ["LABVM_TEST_ROOTFS"]
+c.LabVMSpawner.node_name = os.environ["LABVM_TEST_NODE"]
+c.LabVMSpawner.secrets_root = os.environ["LABVM_TEST_STATE"] + "/secrets"
