@@ -172,9 +172,21 @@ class GpuAllocator:
                 raise GpuUnavailable(
                     f"No GPU of model {model!r} on this node (models here: {have})"
                 )
-        by_uuid = {g.uuid: g for g in pool}
 
+        try:
+            return self._allocate(owner, pool, count, model, sharing)
+        except IntegrityError as e:
+            # Only reachable if something bypassed the node lock; the schema still held.
+            raise GpuUnavailable(
+                "The GPUs were taken by another user at the same moment; please try again"
+            ) from e
+
+    def _allocate(
+        self, owner: str, pool: list[Gpu], count: int, model: str | None, sharing: bool
+    ) -> list[Gpu]:
+        by_uuid = {g.uuid: g for g in pool}
         with self.engine.begin() as conn:
+            self._locked(conn)
             rows = self._rows(conn)
             mine = [r for r in rows if r.owner == owner]
             others = [r for r in rows if r.owner != owner]
