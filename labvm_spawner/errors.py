@@ -1,5 +1,11 @@
-"""Errors shared across LabVM modules."""
+"""Errors whose message is meant for a person: the user at the spawn page, or an admin."""
 
 
 class LabVMError(Exception):
     """A refusal whose message is meant for the user."""
+
+    @property
+    def jupyterhub_message(self) -> str:
+        # JupyterHub shows this attribute, instead of "Internal Server Error", on the
+        # spawn page and in REST API errors.
+        return str(self)

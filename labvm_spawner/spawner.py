@@ -16,6 +16,7 @@ from pathlib import Path
 import docker
 import docker.errors
 from jupyterhub.spawner import Spawner
+from tornado import web
 from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, Unicode, default
 
 from . import containerspec, form, nvml, overlay
@@ -140,6 +141,10 @@ class LabVMSpawner(Spawner):
     def _options_form_default(self):
         return self._render_options_form
 
+    @default("apply_user_options")
+    def _apply_user_options_default(self):
+        return _check_user_options
+
     @default("cmd")
     def _cmd_default(self):
         return ["jupyterhub-singleuser"]
@@ -195,27 +200,41 @@ class LabVMSpawner(Spawner):
             self.group_policy, self.admin_policy, self.user_policy,
         )
 
-    def _gpu_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+    def _gpu_counts(self, sharing: bool) -> tuple[dict[str, int], dict[str, int]]:
         """Free and total GPUs per model on this node, as this server would see them."""
         inventory = nvml.read_inventory()
-        held = self.allocator.holders()
-        own = set(held.pop(self.root_key or root_key(self.user.name, self.name), []))
-        busy = set() if self.gpu_sharing else {u for uuids in held.values() for u in uuids}
+        own = self.root_key or root_key(self.user.name, self.name)
+        busy = {
+            r.uuid for r in self.allocator.records()
+            if r.owner != own and (r.exclusive or not sharing)
+        }
         free: dict[str, int] = {}
         total: dict[str, int] = {}
         for g in inventory:
             total[g.name] = total.get(g.name, 0) + 1
-            if g.uuid not in busy or g.uuid in own:
+            if g.uuid not in busy:
                 free[g.name] = free.get(g.name, 0) + 1
         return free, total
 
     def _render_options_form(self, spawner=None) -> str:
         limits, gpu_policy = self._resolve_policy()
-        free, total = self._gpu_counts()
+        free, total = self._gpu_counts(self._sharing(gpu_policy))
         return form.render_form(limits, gpu_policy, free, total)
 
     def options_from_form(self, formdata):
         return form.parse_form(formdata)
+
+    def _sharing(self, gpu_policy) -> bool:
+        return self.gpu_sharing or gpu_policy.sharing
+
+    def _checked_request(self, inventory: list[nvml.Gpu]):
+        """Key, limits and GPU request of this start; refusals raise LabVMError."""
+        key = root_key(self.user.name, self.name)
+        limits, gpu_policy = self._resolve_policy()
+        count, model = form.validate_options(
+            dict(self.user_options or {}), gpu_policy, sorted({g.name for g in inventory})
+        )
+        return key, limits, count, model, self._sharing(gpu_policy)
 
     def _emit(self, progress: int, message: str) -> None:
         self._events.append({"progress": progress, "message": message})
@@ -262,13 +281,9 @@ class LabVMSpawner(Spawner):
 
     async def _start(self):
         # Everything that can be refused is checked before anything is created.
-        key = root_key(self.user.name, self.name)
-        self.root_key = key
-        limits, gpu_policy = self._resolve_policy()
         inventory = await asyncio.to_thread(nvml.read_inventory)
-        count, model = form.validate_options(
-            dict(self.user_options or {}), gpu_policy, sorted({g.name for g in inventory})
-        )
+        key, limits, count, model, sharing = self._checked_request(inventory)
+        self.root_key = key
         await asyncio.to_thread(require_userns, self.client)
         shift = remap_base(self.userns_remap_user)
         paths = overlay.RootPaths.for_key(self.state_path, key)
@@ -276,7 +291,9 @@ class LabVMSpawner(Spawner):
         undo: list = []
         try:
             self._emit(10, f"Allocating GPUs ({count} requested)")
-            gpus = await asyncio.to_thread(self.allocator.allocate, key, inventory, count, model)
+            gpus = await asyncio.to_thread(
+                self.allocator.allocate, key, inventory, count, model, sharing
+            )
             undo.append(lambda: self.allocator.release(key))
             if gpus:
                 self._emit(20, "Allocated GPU(s) " + ", ".join(str(g.index) for g in gpus))
@@ -400,18 +417,28 @@ class LabVMSpawner(Spawner):
         c.remove(force=True)
 
     async def poll(self):
-        if not self.container_id:
-            return 0
-        try:
-            c = await asyncio.to_thread(self.client.containers.get, self.container_id)
-        except docker.errors.NotFound:
-            return 0
-        if c.status in ("running", "created", "restarting"):
+        if self._starting:
             return None
-        return int(c.attrs.get("State", {}).get("ExitCode", 0)) or 0
+        status = 0
+        if self.container_id:
+            try:
+                c = await asyncio.to_thread(self.client.containers.get, self.container_id)
+            except docker.errors.NotFound:
+                c = None
+            if c is not None and c.status in ("running", "created", "restarting"):
+                return None
+            if c is not None:
+                status = int(c.attrs.get("State", {}).get("ExitCode", 0)) or 0
+        # The hub calls stop() only for servers that poll as running, so a server that
+        # died on its own is cleaned up here: no container, mount or GPU left held.
+        if self.root_key:
+            await self._release_all(self.root_key)
+        return status
 
     async def stop(self, now=False):
-        key = self.root_key or root_key(self.user.name, self.name)
+        await self._release_all(self.root_key or root_key(self.user.name, self.name))
+
+    async def _release_all(self, key: str) -> None:
         paths = overlay.RootPaths.for_key(self.state_path, key)
         await asyncio.to_thread(self._remove_container, self.container_id or self.container_name)
         self.container_id = ""
@@ -420,6 +447,15 @@ class LabVMSpawner(Spawner):
         released = await asyncio.to_thread(self.allocator.release, key)
         if released:
             self.log.info("Released GPU(s) %s of %s", ", ".join(released), key)
+
+
+async def _check_user_options(spawner: LabVMSpawner, user_options: dict) -> None:
+    """The hub's apply_user_options hook: refuse bad names and options with a 400."""
+    inventory = await asyncio.to_thread(nvml.read_inventory)
+    try:
+        spawner._checked_request(inventory)
+    except LabVMError as e:
+        raise web.HTTPError(400, str(e)) from e
 
 
 def _is_secret(name: str) -> bool:

@@ -60,10 +60,30 @@ def _unmount_under(root: Path) -> None:
             subprocess.run(["umount", "-l", mp], check=False)
 
 
+@pytest.fixture(scope="session")
+def fake_gpu_dev():
+    """/dev/nvidiaN and control nodes made with mknod, as on an 8-GPU host.
+
+    They must sit at their real paths: with user namespaces, runc bind-mounts a
+    device into the container from the same path on the host.
+    """
+    from fake_devices import CONTROL, make_fake_dev
+
+    dev = Path("/dev")
+    names = [f"nvidia{i}" for i in range(8)] + list(CONTROL)
+    if (dev / "nvidiactl").exists() and not (dev / ".labvm-fake-gpus").exists():
+        pytest.fail("this host has real NVIDIA devices; the fake-GPU tests need a host without")
+    (dev / ".labvm-fake-gpus").touch()
+    make_fake_dev(Path("/"), count=8)
+    yield dev
+    for n in names:
+        (dev / n).unlink(missing_ok=True)
+    (dev / ".labvm-fake-gpus").unlink(missing_ok=True)
+
+
 @pytest.fixture
-def hub_factory(docker_client, labvm_image, chp, tmp_path_factory):
+def hub_factory(docker_client, labvm_image, chp, fake_gpu_dev):
     """Make hubs on a fresh node state; everything they made is removed afterwards."""
-    from fake_devices import make_fake_dev
     from hubharness import Hub
 
     made: list[tuple[Hub, Path, str]] = []
@@ -73,8 +93,7 @@ def hub_factory(docker_client, labvm_image, chp, tmp_path_factory):
         base = TEST_ROOT / node
         state = base / "state"
         state.mkdir(parents=True)
-        dev = make_fake_dev(base, count=8)
-        hub = Hub(base / "hub", state, dev, port=port, env={
+        hub = Hub(base / "hub", state, fake_gpu_dev, port=port, env={
             "LABVM_TEST_ROOTFS": str(TEST_ROOT / "rootfs"),
             "LABVM_TEST_NODE": node,
             **(env or {}),
@@ -84,8 +103,12 @@ def hub_factory(docker_client, labvm_image, chp, tmp_path_factory):
         return hub
 
     yield make
+    artifacts = Path(__file__).resolve().parent / "artifacts"
+    artifacts.mkdir(exist_ok=True)
     for hub, base, node in made:
         hub.stop()
+        if hub.log_path.exists():  # kept for reading after a failure
+            shutil.copyfile(hub.log_path, artifacts / f"hub-{node}.log")
         for c in docker_client.containers.list(all=True, filters={"label": f"labvm.node={node}"}):
             c.remove(force=True)
         _unmount_under(base)

@@ -40,7 +40,19 @@ c.LabVMSpawner.policy = {"cpus": 1, "mem": "1G", "pids": 1024, "max_gpus": 8,
                          "io_write_bps": "200M"}
 c.LabVMSpawner.group_policy = {"big": {"cpus": 2, "mem": "2G"}}
 c.Spawner.start_timeout = 120
-c.Spawner.http_timeout = 90
+c.Spawner.http_timeout = 30
 c.LabVMSpawner.image_layer_dir = os.environ["LABVM_TEST_ROOTFS"]
 c.LabVMSpawner.node_name = os.environ["LABVM_TEST_NODE"]
 c.LabVMSpawner.secrets_root = os.environ["LABVM_TEST_STATE"] + "/secrets"
+
+
+def _break_one_user(spawner):
+    # Lets a test make one user's server exit at start, after GPUs and root are set up.
+    if spawner.user.name == os.environ.get("LABVM_TEST_BROKEN_USER"):
+        if os.environ.get("LABVM_TEST_BREAKAGE") == "image":
+            spawner.image = "labvm/no-such-image:latest"
+        else:
+            spawner.cmd = ["/bin/false"]
+
+
+c.Spawner.pre_spawn_hook = _break_one_user

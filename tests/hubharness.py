@@ -24,8 +24,11 @@ class Hub:
     """One hub process; ``restart`` keeps its database, like an admin restarting it."""
 
     def __init__(self, hub_dir: Path, state_dir: Path, dev_dir: Path, port: int = 18000,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None,
+                 config: Path = REPO / "tests" / "hub_config.py") -> None:
         self.hub_dir = hub_dir
+        self.config = config
+        self.poll_interval = 0.5
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.token = secrets.token_hex(24)
@@ -50,7 +53,7 @@ class Hub:
         self.hub_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
-            [str(JUPYTERHUB), "-f", str(REPO / "tests" / "hub_config.py")],
+            [str(JUPYTERHUB), "-f", str(self.config)],
             cwd=self.hub_dir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
@@ -139,7 +142,7 @@ class Hub:
                 return model
             if not srv or (not srv.get("pending") and not srv.get("ready")):
                 raise HubError(f"start failed: {self.spawn_failure(name, server)}")
-            time.sleep(0.5)
+            time.sleep(self.poll_interval)
         raise HubError(f"server of {name} not ready in {timeout} s:\n{self.log_tail()}")
 
     def spawn_failure(self, name: str, server: str = "") -> str:
@@ -161,7 +164,7 @@ class Hub:
             model = self.api("GET", f"/users/{name}").json()
             if server not in model.get("servers", {}):
                 return
-            time.sleep(0.5)
+            time.sleep(self.poll_interval)
         raise HubError(f"server of {name} did not stop in {timeout} s")
 
     def server_get(self, name: str, path: str, token: str | None = None,

@@ -186,8 +186,10 @@ def test_install_in_place_from_another_process(tmp_path):
 def test_uninstall_restores_pynvml():
     real = pynvml.nvmlInit
     fake = fake_nvml.install()
-    assert pynvml.nvmlInit != real
-    fake.uninstall()
+    try:
+        assert pynvml.nvmlInit != real
+    finally:
+        fake.uninstall()
     assert pynvml.nvmlInit is real
 
 

@@ -1,0 +1,19 @@
+"""Hub config for bench/spawn.py: the test hub, with the spawner chosen by BENCH_SPAWNER."""
+
+import os
+from pathlib import Path
+
+load_subconfig(str(Path(__file__).resolve().parent.parent / "tests" / "hub_config.py"))  # noqa: F821
+
+c = get_config()  # noqa: F821
+c.Spawner.pre_spawn_hook = None
+if os.environ["BENCH_SPAWNER"] == "docker":
+    # DockerSpawner from PyPI, on the same image, engine and network.
+    c.JupyterHub.spawner_class = "dockerspawner.DockerSpawner"
+    c.DockerSpawner.image = "labvm/user:latest"
+    c.DockerSpawner.network_name = "labvm"
+    c.DockerSpawner.use_internal_ip = True
+    c.DockerSpawner.remove = False  # a warm start restarts the stopped container
+    c.DockerSpawner.cmd = ["jupyterhub-singleuser", "--allow-root"]
+    c.DockerSpawner.prefix = f"bench-{os.environ['LABVM_TEST_NODE']}"
+    c.DockerSpawner.extra_create_kwargs = {"labels": {"labvm.node": os.environ["LABVM_TEST_NODE"]}}

@@ -1,0 +1,104 @@
+"""Spawn time of LabVMSpawner against DockerSpawner, through real hubs, alternating.
+
+Two hubs run side by side on the same machine, dockerd and image: one with
+LabVMSpawner, one with DockerSpawner (from PyPI). Each round spawns a new user
+on both (cold: nothing exists for that user yet), stops, spawns again (warm:
+the user's root or container exists), stops. The order of the two spawners
+alternates every round. Time is from the REST API's POST to the hub reporting
+the server ready.
+
+    .venv/bin/python bench/spawn.py            # BENCH_ROUNDS=5 by default
+
+Last line: spawn_ratio=<total LabVM spawn time / total DockerSpawner spawn time>.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+import docker  # noqa: E402
+from hubharness import Hub  # noqa: E402
+
+from labvm_spawner import images  # noqa: E402
+from labvm_spawner.overlay import mount_points  # noqa: E402
+
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+ROOT = Path(os.environ.get("LABVM_TEST_ROOT", "/var/lib/labvm-test"))
+
+
+def timed_spawn(hub: Hub, user: str) -> float:
+    t0 = time.perf_counter()
+    hub.spawn(user)
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    client = docker.from_env()
+    images.build_all(client)
+    node = f"bench-{uuid.uuid4().hex[:8]}"
+    base = ROOT / node
+    hubs = {}
+    for i, kind in enumerate(("labvm", "docker")):
+        state = base / kind / "state"
+        state.mkdir(parents=True)
+        hub = Hub(base / kind / "hub", state, Path("/dev"), port=19000 + 10 * i,
+                  config=REPO / "bench" / "hub_config.py",
+                  env={"BENCH_SPAWNER": kind, "LABVM_TEST_NODE": node,
+                       "LABVM_TEST_ROOTFS": str(ROOT / "rootfs")})
+        hub.poll_interval = 0.05
+        hubs[kind] = hub
+    times: dict[tuple[str, str], list[float]] = {}
+    try:
+        for hub in hubs.values():
+            hub.start()
+        # One untimed spawn each, so that one-off work (unpacking the image layer,
+        # the page cache) is not charged to either side.
+        for hub in hubs.values():
+            hub.create_user("warmup")
+            hub.spawn("warmup")
+            hub.unspawn("warmup")
+        for r in range(ROUNDS):
+            order = ("labvm", "docker") if r % 2 == 0 else ("docker", "labvm")
+            for kind in order:
+                hub, user = hubs[kind], f"u{r}"
+                hub.create_user(user)
+                times.setdefault((kind, "cold"), []).append(timed_spawn(hub, user))
+                hub.unspawn(user)
+                times.setdefault((kind, "warm"), []).append(timed_spawn(hub, user))
+                hub.unspawn(user)
+            print(f"round {r + 1}/{ROUNDS}: " + ", ".join(
+                f"{k}/{m} {v[-1]:.2f}s" for (k, m), v in sorted(times.items())), flush=True)
+    finally:
+        for hub in hubs.values():
+            hub.stop()
+        for c in client.containers.list(all=True, filters={"label": f"labvm.node={node}"}):
+            c.remove(force=True)
+        for mp in sorted(mount_points(), key=len, reverse=True):
+            if mp.startswith(str(base)):
+                subprocess.run(["umount", "-l", mp], check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+    for (kind, mode), v in sorted(times.items()):
+        print(f"{kind:7s} {mode}: median {statistics.median(v):.3f}s  "
+              f"min {min(v):.3f}s  max {max(v):.3f}s  (n={len(v)})")
+    for mode in ("cold", "warm"):
+        ours, theirs = times[("labvm", mode)], times[("docker", mode)]
+        ratio = statistics.median(ours) / statistics.median(theirs)
+        print(f"{mode}_ratio={ratio:.3f}")
+    total = {k: sum(sum(v) for (kk, _), v in times.items() if kk == k) for k in hubs}
+    print(f"spawn_ratio={total['labvm'] / total['docker']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
