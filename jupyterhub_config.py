@@ -28,11 +28,12 @@ c.JupyterHub.pid_file = f"{state}/hub/jupyterhub.pid"
 # No secret on disk: a fresh cookie secret per hub start (users log in again after a restart).
 c.JupyterHub.cookie_secret = secrets.token_bytes(32)
 
-# Accounts: self sign-up with bcrypt-hashed passwords; an admin approves new users.
-c.JupyterHub.authenticator_class = "native"
-c.Authenticator.admin_users = {"admin"}
-c.NativeAuthenticator.open_signup = False
-c.Authenticator.allow_all = False
+# Accounts are the node's own (PAM): passwords stay hashed in /etc/shadow. Members
+# of the group labvm-users may log in; labvm-admin (made by start-hub.sh) is the admin.
+c.JupyterHub.authenticator_class = "pam"
+c.Authenticator.admin_users = {"labvm-admin"}
+c.PAMAuthenticator.allowed_groups = {"labvm-users"}
+c.PAMAuthenticator.admin_groups = {"labvm-admins"}
 
 c.LabVMSpawner.state_dir = state
 c.LabVMSpawner.policy = {"cpus": 2, "mem": "4G", "pids": 2048, "max_gpus": 1}

@@ -474,7 +474,16 @@ def _ensure_tmpfs(path: Path) -> None:
 
 
 def _block_device(path: Path) -> str | None:
-    """The block device holding ``path``, for Docker's per-device IO limits."""
+    """The block device node holding ``path``, for Docker's per-device IO limits.
+
+    Throttling applies to whole disks, so a partition resolves to its disk.
+    """
     dev = os.stat(path).st_dev
-    node = f"/dev/block/{os.major(dev)}:{os.minor(dev)}"
-    return node if os.path.exists(node) else None
+    sys_dev = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    if not sys_dev.exists():
+        return None  # not a block device (tmpfs, overlay on a virtual fs)
+    target = sys_dev.resolve()
+    if (target / "partition").exists():
+        target = target.parent
+    node = Path("/dev") / target.name
+    return str(node) if node.exists() else None

@@ -47,6 +47,12 @@ setup_net() {
     ip link show "$BR" >/dev/null 2>&1 || ip link add "$BR" type bridge
     ip addr show dev "$BR" | grep -q "$ROOT_IP/" || ip addr add "$ROOT_IP/24" dev "$BR"
     ip link set "$BR" up
+    # Docker sets the FORWARD policy to DROP and bridged frames pass iptables
+    # (br_netfilter): allow traffic between ports of our bridge only.
+    if command -v iptables >/dev/null; then
+        iptables -C FORWARD -i "$BR" -o "$BR" -j ACCEPT 2>/dev/null ||
+            iptables -I FORWARD -i "$BR" -o "$BR" -j ACCEPT
+    fi
     local ns ipaddr tag
     for pair in "$NS_M:$MASTER_IP:m" "$NS_C:$CHUNK_IP:c"; do
         IFS=: read -r ns ipaddr tag <<<"$pair"
@@ -97,10 +103,11 @@ EOF
 }
 
 ns_running() { # ns name -> true if the daemon's pid file process lives
-    local ns=$1 prog=$2
-    ip netns pids "$ns" 2>/dev/null | while read -r p; do
-        [ "$(cat /proc/"$p"/comm 2>/dev/null)" = "$prog" ] && echo "$p"
-    done | grep -q .
+    local ns=$1 prog=$2 p
+    for p in $(ip netns pids "$ns" 2>/dev/null); do
+        [ "$(cat /proc/"$p"/comm 2>/dev/null)" = "$prog" ] && return 0
+    done
+    return 1
 }
 
 up() {
@@ -128,7 +135,8 @@ up() {
     # Writes need a registered chunkserver with space: wait until a write succeeds.
     local i ok=0
     for i in $(seq 1 60); do
-        if echo ok >"$MNT/.labvm-probe" 2>/dev/null && sync "$MNT/.labvm-probe" 2>/dev/null &&
+        if [ "$(stat -f -c %b "$MNT" 2>/dev/null || echo 0)" != 0 ] &&
+            timeout 10 sh -c "echo ok >'$MNT/.labvm-probe' && sync '$MNT/.labvm-probe'" 2>/dev/null &&
             [ "$(cat "$MNT/.labvm-probe" 2>/dev/null)" = ok ]; then
             ok=1
             break
@@ -162,6 +170,9 @@ down() {
     ip link del lvmfs-m >/dev/null 2>&1 || true
     ip link del lvmfs-c >/dev/null 2>&1 || true
     ip link del "$BR" >/dev/null 2>&1 || true
+    if command -v iptables >/dev/null; then
+        while iptables -D FORWARD -i "$BR" -o "$BR" -j ACCEPT 2>/dev/null; do :; done
+    fi
     case "$STATE" in
     / | "") ;;
     *) rm -rf --one-file-system "$STATE" ;;

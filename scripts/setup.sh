@@ -48,12 +48,12 @@ if [[ ! -x .venv/bin/python ]]; then
   say "creating .venv"
   python3 -m venv .venv
 fi
-extras=auth
-((WITH_TEST)) && extras=auth,test
-stamp=.venv/.labvm-installed-$(sha256sum pyproject.toml | cut -c1-16)-$extras
+extras=""
+((WITH_TEST)) && extras="[test]"
+stamp=.venv/.labvm-installed-$(sha256sum pyproject.toml | cut -c1-16)${extras:+-test}
 if [[ ! -e $stamp ]]; then
-  say "installing labvm-spawner[$extras] into .venv"
-  .venv/bin/pip install -q -e ".[$extras]"
+  say "installing labvm-spawner$extras into .venv"
+  .venv/bin/pip install -q -e ".$extras"
   touch "$stamp"
 fi
 

@@ -65,20 +65,27 @@ def fake_gpu_dev():
     """/dev/nvidiaN and control nodes made with mknod, as on an 8-GPU host.
 
     They must sit at their real paths: with user namespaces, runc bind-mounts a
-    device into the container from the same path on the host.
+    device into the container from the same path on the host. Test sessions
+    running side by side share them; the last one to finish removes them.
     """
     from fake_devices import CONTROL, make_fake_dev
 
     dev = Path("/dev")
+    users = dev / ".labvm-fake-gpus.d"
     names = [f"nvidia{i}" for i in range(8)] + list(CONTROL)
-    if (dev / "nvidiactl").exists() and not (dev / ".labvm-fake-gpus").exists():
+    if (dev / "nvidiactl").exists() and not users.exists():
         pytest.fail("this host has real NVIDIA devices; the fake-GPU tests need a host without")
-    (dev / ".labvm-fake-gpus").touch()
+    users.mkdir(exist_ok=True)
+    me = users / str(os.getpid())
+    me.touch()
     make_fake_dev(Path("/"), count=8)
     yield dev
-    for n in names:
-        (dev / n).unlink(missing_ok=True)
-    (dev / ".labvm-fake-gpus").unlink(missing_ok=True)
+    me.unlink(missing_ok=True)
+    alive = [p for p in users.iterdir() if Path(f"/proc/{p.name}").exists()]
+    if not alive:
+        for n in names:
+            (dev / n).unlink(missing_ok=True)
+        shutil.rmtree(users, ignore_errors=True)
 
 
 @pytest.fixture

@@ -32,7 +32,8 @@ c.JupyterHub.allow_named_servers = True
 c.JupyterHub.services = [{"name": "labvm-test", "api_token": os.environ["LABVM_TEST_API_TOKEN"]}]
 c.JupyterHub.load_roles = [{
     "name": "labvm-test", "services": ["labvm-test"],
-    "scopes": ["admin:users", "admin:servers", "access:servers", "read:users", "admin-ui"],
+    "scopes": ["admin:users", "admin:groups", "admin:servers", "access:servers", "read:users",
+               "admin-ui"],
 }]
 c.LabVMSpawner.state_dir = os.environ["LABVM_TEST_STATE"]
 c.LabVMSpawner.dev_root = os.environ["LABVM_TEST_DEV"]
@@ -56,3 +57,5 @@ def _break_one_user(spawner):
 
 
 c.Spawner.pre_spawn_hook = _break_one_user
+# POST .../server answers at once (202), so tests can watch the progress events.
+c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 0}

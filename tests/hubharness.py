@@ -113,8 +113,9 @@ class Hub:
     def create_user(self, name: str, groups: list[str] | None = None) -> requests.Response:
         r = self.api("POST", f"/users/{name}")
         for g in groups or []:
-            self.api("POST", f"/groups/{g}")
-            self.api("POST", f"/groups/{g}/users", json={"users": [name]})
+            self.api("POST", f"/groups/{g}")  # 409 when it exists already
+            added = self.api("POST", f"/groups/{g}/users", json={"users": [name]})
+            assert added.ok, added.text
         return r
 
     def user_token(self, name: str) -> str:
@@ -166,6 +167,16 @@ class Hub:
                 return
             time.sleep(self.poll_interval)
         raise HubError(f"server of {name} did not stop in {timeout} s")
+
+    def login(self, name: str) -> requests.Session:
+        """A browser-like session logged in as ``name`` (DummyAuthenticator's password)."""
+        s = requests.Session()
+        s.get(f"{self.url}/hub/login", timeout=30)
+        r = s.post(f"{self.url}/hub/login", timeout=60, allow_redirects=True, data={
+            "username": name, "password": self.password, "_xsrf": s.cookies.get("_xsrf", ""),
+        })
+        assert r.ok and "/hub/login" not in r.url, (r.status_code, r.url)
+        return s
 
     def server_get(self, name: str, path: str, token: str | None = None,
                    server: str = "") -> requests.Response:

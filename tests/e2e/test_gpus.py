@@ -3,7 +3,7 @@
 import time
 
 import pytest
-from helpers import container_of, fixture_uuids, mounts_under, sh, state_dir
+from helpers import FIXTURES, container_of, fixture_uuids, mounts_under, sh, state_dir
 from hubharness import HubError
 
 pytestmark = pytest.mark.e2e
@@ -82,3 +82,13 @@ def test_failed_start_leaves_nothing_behind(hub_factory, docker_client, breakage
     assert not (state_dir(hub) / "secrets" / "broken").exists()
     hub.create_user("next")
     hub.spawn("next", {"gpus": 8})  # all 8 GPUs were released
+
+
+def test_model_choice_on_a_mixed_node(hub_factory, docker_client):
+    """Two models: the user picks one; the container gets that model's device nodes."""
+    mixed = str(FIXTURES / "nvml_mixed_a100_a6000.json")
+    hub = hub_factory(env={"LABVM_FAKE_NVML": mixed})
+    hub.create_user("hana")
+    hub.spawn("hana", {"gpus": 2, "gpu_model": "NVIDIA RTX A6000"})
+    # NVML index 4 and 5 are the first two A6000s; their device minors are 0 and 1.
+    assert nvidia_nodes(container_of(docker_client, "hana")) == {"nvidia0", "nvidia1"} | CONTROL

@@ -3,7 +3,6 @@
 import re
 
 import pytest
-import requests
 from helpers import container_of, sh
 
 pytestmark = pytest.mark.e2e
@@ -30,10 +29,7 @@ def test_limits_in_force_and_group_override(hub, docker_client):
 
 def test_spawn_form_shows_limits_and_gpu_choice(hub):
     hub.create_user("alice")
-    s = requests.Session()
-    r = s.post(f"{hub.url}/hub/login", data={"username": "alice", "password": hub.password},
-               allow_redirects=True)
-    assert r.ok
+    s = hub.login("alice")
     page = s.get(f"{hub.url}/hub/spawn").text
     assert 'name="gpus"' in page
     # 8 free GPUs, policy allows 8: counts 0..8 are offered.
