@@ -64,6 +64,8 @@ def render_form(
 
     if policy.max_gpus == 0:
         note = "Your account is not granted GPUs."
+    elif not total_by_model:
+        note = "This node has no GPUs."
     elif not allowed:
         note = "No GPU model your account may use is installed on this node."
     elif free == 0:
