@@ -10,7 +10,7 @@ c.Spawner.pre_spawn_hook = None
 if os.environ["BENCH_SPAWNER"] == "docker":
     # DockerSpawner from PyPI, on the same image, engine and network.
     c.JupyterHub.spawner_class = "dockerspawner.DockerSpawner"
-    c.DockerSpawner.image = "labvm/user:latest"
+    c.DockerSpawner.image = os.environ["LABVM_TEST_IMAGE"]
     c.DockerSpawner.network_name = "labvm"
     c.DockerSpawner.use_internal_ip = True
     c.DockerSpawner.remove = False  # a warm start restarts the stopped container

@@ -44,7 +44,7 @@ def timed_spawn(hub: Hub, user: str) -> float:
 
 def main() -> int:
     client = docker.from_env()
-    images.build_all(client)
+    image = images.build_all(client)
     node = f"bench-{uuid.uuid4().hex[:8]}"
     base = ROOT / node
     hubs = {}
@@ -54,7 +54,7 @@ def main() -> int:
         hub = Hub(base / kind / "hub", state, Path("/dev"), port=19000 + 10 * i,
                   config=REPO / "bench" / "hub_config.py",
                   env={"BENCH_SPAWNER": kind, "LABVM_TEST_NODE": node,
-                       "LABVM_TEST_ROOTFS": str(ROOT / "rootfs")})
+                       "LABVM_TEST_ROOTFS": str(ROOT / "rootfs"), "LABVM_TEST_IMAGE": image})
         hub.poll_interval = 0.05
         hubs[kind] = hub
     times: dict[tuple[str, str], list[float]] = {}

@@ -103,6 +103,8 @@ def hub_factory(docker_client, labvm_image, chp, fake_gpu_dev):
         hub = Hub(base / "hub", state, fake_gpu_dev, port=port, env={
             "LABVM_TEST_ROOTFS": str(TEST_ROOT / "rootfs"),
             "LABVM_TEST_NODE": node,
+            # The exact image this checkout built, not the shared "latest" tag.
+            "LABVM_TEST_IMAGE": labvm_image,
             **(env or {}),
         })
         made.append((hub, base, node))

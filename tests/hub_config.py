@@ -42,6 +42,7 @@ c.LabVMSpawner.policy = {"cpus": 1, "mem": "1G", "pids": 1024, "max_gpus": 8,
 c.LabVMSpawner.group_policy = {"big": {"cpus": 2, "mem": "2G"}}
 c.Spawner.start_timeout = 120
 c.Spawner.http_timeout = 30
+c.LabVMSpawner.image = os.environ["LABVM_TEST_IMAGE"]
 c.LabVMSpawner.image_layer_dir = os.environ["LABVM_TEST_ROOTFS"]
 c.LabVMSpawner.node_name = os.environ["LABVM_TEST_NODE"]
 c.LabVMSpawner.secrets_root = os.environ["LABVM_TEST_STATE"] + "/secrets"
