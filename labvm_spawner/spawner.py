@@ -25,7 +25,7 @@ from .errors import LabVMError
 from .images import prepare_rootfs
 from .names import root_key
 from .network import ensure_network
-from .policy import resolve_policy
+from .policy import resolve_policy, validate_config
 from .storage import open_store
 from .userns import remap_base, require_userns
 
@@ -151,6 +151,8 @@ class LabVMSpawner(Spawner):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
+        # A mistyped policy should stop the hub with a clear message, not one user's start.
+        validate_config(self.policy, self.group_policy, self.admin_policy, self.user_policy)
         self.container_id = ""
         self.root_key = ""
         self._events: list[dict] = []
@@ -186,7 +188,9 @@ class LabVMSpawner(Spawner):
         return _allocators[cache_key]
 
     def _live_keys(self) -> set[str]:
-        running = self.client.containers.list(filters={"label": "labvm.key"})
+        running = self.client.containers.list(
+            filters={"label": ["labvm.key", f"labvm.node={self.node_name}"]}
+        )
         return {c.labels["labvm.key"] for c in running}
 
     @property

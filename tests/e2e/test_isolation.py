@@ -50,3 +50,16 @@ def test_no_privilege_no_socket_reduced_capabilities(hub, docker_client):
     # The server itself runs as the user's own account.
     _, out = sh(c, "ps -o user= -C jupyterhub-singleuser -C python3 | sort -u", root=True)
     assert out.split() == ["bob"], out
+
+
+def test_containers_cannot_reach_each_other(hub, docker_client):
+    hub.create_user("alice")
+    hub.create_user("bob")
+    hub.spawn("alice")
+    hub.spawn("bob")
+    alice, bob = container_of(docker_client, "alice"), container_of(docker_client, "bob")
+    bob.reload()
+    bob_ip = bob.attrs["NetworkSettings"]["Networks"]["labvm"]["IPAddress"]
+    # Bob's server answers the hub (it is ready), but not a neighbour's container.
+    rc, out = sh(alice, f"curl -sS -m 3 -o /dev/null http://{bob_ip}:8888/")
+    assert rc != 0, out
