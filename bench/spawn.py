@@ -79,8 +79,12 @@ def main() -> int:
             print(f"round {r + 1}/{ROUNDS}: " + ", ".join(
                 f"{k}/{m} {v[-1]:.2f}s" for (k, m), v in sorted(times.items())), flush=True)
     finally:
-        for hub in hubs.values():
+        artifacts = REPO / "tests" / "artifacts"
+        artifacts.mkdir(parents=True, exist_ok=True)
+        for kind, hub in hubs.items():
             hub.stop()
+            if hub.log_path.exists():  # for reading where the time went
+                shutil.copyfile(hub.log_path, artifacts / f"bench-spawn-{kind}.log")
         for c in client.containers.list(all=True, filters={"label": f"labvm.node={node}"}):
             c.remove(force=True)
         for mp in sorted(mount_points(), key=len, reverse=True):

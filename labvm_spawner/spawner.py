@@ -31,6 +31,7 @@ from .userns import remap_base, require_userns
 
 # One Docker client and one allocator per process, shared by all spawners.
 _clients: dict[str, docker.DockerClient] = {}
+_networks: dict[tuple[str, str], str] = {}
 _allocators: dict[tuple[str, str, bool], GpuAllocator] = {}
 
 
@@ -344,7 +345,10 @@ class LabVMSpawner(Spawner):
         secret_keys = [k for k in env if _is_secret(k)]
         for k in secret_keys:
             env.pop(k)
-        ensure_network(self.client, self.network_name)
+        if (self.docker_url, self.network_name) not in _networks:
+            _networks[(self.docker_url, self.network_name)] = ensure_network(
+                self.client, self.network_name
+            )
         return containerspec.ServerSpec(
             name=self.container_name,
             image=self.image,
