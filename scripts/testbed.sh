@@ -77,15 +77,17 @@ down_node() {
     kill -9 "$pid" 2>/dev/null || true
   fi
   # dockerd leaves its mounts behind when killed; nothing of a node may outlive it.
-  grep -E " ($STATE/$n|$RUN/$n)" /proc/self/mountinfo | awk '{print $5}' | sort -r |
-    while read -r mp; do umount -l "$mp" 2>/dev/null || true; done
+  { grep -E " ($STATE/$n|$RUN/$n)" /proc/self/mountinfo || true; } | awk '{print $5}' |
+    sort -r | while read -r mp; do umount -l "$mp" 2>/dev/null || true; done
   ip netns del "labvm-$n" 2>/dev/null || true
   ip link del "tb-$n" 2>/dev/null || true
   rm -rf "${RUN:?}/$n"
 }
 
 nodes_present() {
-  ip netns list 2>/dev/null | awk '{print $1}' | sed -n 's/^labvm-\([a-z]\)$/\1/p'
+  { ip netns list 2>/dev/null || true; } | awk '{print $1}' | sed -n 's/^labvm-\([a-z]\)$/\1/p'
+  # a node whose namespace is gone may still have a dockerd
+  ls "$RUN" 2>/dev/null || true
 }
 
 case "${1:-}" in
@@ -100,14 +102,14 @@ case "${1:-}" in
     done
     ;;
   down)
-    for n in $(nodes_present); do down_node "$n"; done
+    for n in $(nodes_present | sort -u); do down_node "$n"; done
     iptables -t nat -D POSTROUTING -s "$NET.0/24" ! -d "$NET.0/24" -j MASQUERADE 2>/dev/null || true
     iptables -D FORWARD -i "$BR" -j ACCEPT 2>/dev/null || true
     iptables -D FORWARD -o "$BR" -j ACCEPT 2>/dev/null || true
     ip link del "$BR" 2>/dev/null || true
     ;;
   status)
-    for n in $(nodes_present); do
+    for n in $(nodes_present | sort -u); do
       sock=$RUN/$n/docker.sock
       if DOCKER_HOST=unix://$sock docker info >/dev/null 2>&1; then s=up; else s=down; fi
       echo "node $n: dockerd $s"
