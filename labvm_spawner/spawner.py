@@ -427,6 +427,9 @@ class LabVMSpawner(Spawner):
     async def poll(self):
         if self._starting:
             return None
+        # The hub polls every server it believes running as it starts: the first poll
+        # reconciles GPU allocations with the containers that really run.
+        await asyncio.to_thread(lambda: self.allocator)
         status = 0
         if self.container_id:
             try:
