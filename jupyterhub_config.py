@@ -41,3 +41,19 @@ c.LabVMSpawner.admin_policy = {"max_gpus": 8, "cpus": 8, "mem": "32G"}
 c.Spawner.default_url = "/lab"
 c.Spawner.start_timeout = 180
 c.Spawner.http_timeout = 120
+
+# ---- BEGIN labvm monitor (issue 6) ----
+# One hub-managed service: admin pages (nodes, GPUs, users, actions), each user's own
+# usage page, and /metrics. It appears in the hub's Services menu. /metrics is read by a
+# logged-in admin or with "Authorization: Bearer $LABVM_METRICS_TOKEN"; never anonymously.
+# Idle GPU reclaim is off until an admin sets e.g. "--IdleReclaim.idle_hours=12".
+from labvm_spawner.monitor.service import hub_service  # noqa: E402
+
+_monitor, _monitor_roles = hub_service(port=8089, args=[
+    f"--Collector.state_dir={state}",
+    "--Collector.node_name=local",
+])
+_monitor["environment"] = {"LABVM_METRICS_TOKEN": os.environ.get("LABVM_METRICS_TOKEN", "")}
+c.JupyterHub.services.append(_monitor)
+c.JupyterHub.load_roles.extend(_monitor_roles)
+# ---- END labvm monitor ----

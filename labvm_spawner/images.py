@@ -22,13 +22,21 @@ import docker.errors
 log = logging.getLogger(__name__)
 
 IMAGES_DIR = Path(__file__).resolve().parent.parent / "images"
+# The only part of this package that goes into the user image: the desktop.
+VNC_DIR = Path(__file__).resolve().parent / "vnc"
 USER_IMAGE = "labvm/user:latest"
+# Bytecode a host import leaves behind is no input of the image.
+_NOT_INPUT = shutil.ignore_patterns("__pycache__", "*.pyc")
+
+
+def _is_input(path: Path) -> bool:
+    return path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
 
 
 def _hash_tree(*paths: Path, extra: str = "") -> str:
     h = hashlib.sha256(extra.encode())
     for root in paths:
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if _is_input(p))
         for f in files:
             h.update(str(f.relative_to(root.parent)).encode() + b"\0")
             h.update(f.read_bytes())
@@ -87,16 +95,32 @@ def _ca_bundle() -> Path:
     raise RuntimeError("no CA bundle found for pip (set PIP_CERT)")
 
 
+def _add_desktop(ctx: Path, vnc_dir: Path) -> None:
+    """Put the desktop's code in the build context as a package of its own.
+
+    An empty ``labvm_spawner/__init__.py`` stands in for the real one, which pulls in
+    the hub-side code; the image needs none of it.
+    """
+    pkg = ctx / "desktop" / "labvm_spawner"
+    shutil.copytree(vnc_dir, pkg / "vnc", ignore=_NOT_INPUT)
+    (pkg / "__init__.py").write_text('"""LabVM, the part that runs in the user\'s container."""\n')
+
+
 def build_user(client: docker.DockerClient, base_tag: str,
-               images_dir: Path = IMAGES_DIR) -> str:
-    """The user image on top of ``base_tag``; returns its content tag (also tagged latest)."""
+               images_dir: Path = IMAGES_DIR, vnc_dir: Path = VNC_DIR) -> str:
+    """The user image on top of ``base_tag``; returns its content tag (also tagged latest).
+
+    The tag hashes exactly what enters the image: ``images/user`` and the desktop
+    code, so editing other parts of the package never rebuilds it.
+    """
     src = images_dir / "user"
-    tag = f"labvm/user:{_hash_tree(src, extra=base_tag)}"
+    tag = f"labvm/user:{_hash_tree(src, vnc_dir, extra=base_tag)}"
     if not _has_image(client, tag):
         log.info("building %s", tag)
         with tempfile.TemporaryDirectory(prefix="labvm-user-") as tmp:
             ctx = Path(tmp) / "ctx"
-            shutil.copytree(src, ctx)
+            shutil.copytree(src, ctx, ignore=_NOT_INPUT)
+            _add_desktop(ctx, vnc_dir)
             # Build-time only: the Dockerfile deletes it in the step that uses it.
             shutil.copyfile(_ca_bundle(), ctx / "build-ca.crt")
             proc = subprocess.run(
@@ -147,7 +171,13 @@ def prepare_rootfs(client: docker.DockerClient, image: str, cache_dir: Path,
             raise RuntimeError(f"unpacking {image} failed")
         os.chown(partial, shift, shift)
         partial.chmod(0o755)
-        os.rename(partial, final)
+        try:
+            os.rename(partial, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            # Another process unpacked the same image meanwhile: use its copy.
+            shutil.rmtree(partial, ignore_errors=True)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,7 +18,18 @@ import docker
 import docker.errors
 from jupyterhub.spawner import Spawner
 from tornado import web
-from traitlets import Bool, CaselessStrEnum, Dict, Float, Int, List, Unicode, default
+from traitlets import (
+    Bool,
+    CaselessStrEnum,
+    Dict,
+    Float,
+    Int,
+    List,
+    TraitError,
+    Unicode,
+    default,
+    validate,
+)
 
 from . import containerspec, form, nvml, overlay
 from .allocations import GpuAllocator
@@ -73,7 +85,17 @@ class LabVMSpawner(Spawner):
         "sqlite:///<state_dir>/labvm.sqlite.",
     ).tag(config=True)
 
-    node_name = Unicode("local", help="Name of this node in LabVM's records.").tag(config=True)
+    node_name = Unicode(
+        "local",
+        help="Name of this node in LabVM's records and container names (lower-case letters, "
+        "digits, '-', '_' and '.').",
+    ).tag(config=True)
+
+    @validate("node_name")
+    def _valid_node_name(self, proposal):
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,62}", proposal["value"]):
+            raise TraitError(f"node_name {proposal['value']!r} is not a valid LabVM node name")
+        return proposal["value"]
 
     network_name = Unicode(
         "labvm",
@@ -196,7 +218,8 @@ class LabVMSpawner(Spawner):
 
     @property
     def container_name(self) -> str:
-        return f"labvm-{self.root_key or root_key(self.user.name, self.name)}"
+        # The node is part of the name: engines may be shared (tests, a node's agents).
+        return f"labvm-{self.node_name}-{self.root_key or root_key(self.user.name, self.name)}"
 
     def _resolve_policy(self):
         groups = [g.name for g in getattr(self.user, "groups", [])]

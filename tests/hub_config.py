@@ -33,7 +33,7 @@ c.JupyterHub.services = [{"name": "labvm-test", "api_token": os.environ["LABVM_T
 c.JupyterHub.load_roles = [{
     "name": "labvm-test", "services": ["labvm-test"],
     "scopes": ["admin:users", "admin:groups", "admin:servers", "access:servers", "read:users",
-               "admin-ui"],
+               "tokens", "admin-ui"],
 }]
 c.LabVMSpawner.state_dir = os.environ["LABVM_TEST_STATE"]
 c.LabVMSpawner.dev_root = os.environ["LABVM_TEST_DEV"]
@@ -60,3 +60,52 @@ def _break_one_user(spawner):
 c.Spawner.pre_spawn_hook = _break_one_user
 # POST .../server answers at once (202), so tests can watch the progress events.
 c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 0}
+
+# ---- BEGIN labvm monitor (issue 6): only for hubs started with LABVM_TEST_MONITOR=1 ----
+if os.environ.get("LABVM_TEST_MONITOR") == "1":
+    from labvm_spawner.monitor.service import hub_service
+
+    # The service runs in its own process, so fake NVML is installed there too. Its GPU
+    # processes come from a JSON file the test writes ({"<gpu index>": [[pid, bytes]]}),
+    # so real container PIDs can be put on fake GPUs.
+    _monitor_shim = f"""
+import json, os, sys
+sys.path.insert(0, {str(here)!r})
+import fake_nvml, pynvml
+fake = fake_nvml.install()
+listing = pynvml.nvmlDeviceGetComputeRunningProcesses
+def processes(handle):
+    try:
+        with open(os.environ["LABVM_TEST_MONITOR_PROCS"]) as f:
+            wanted = json.load(f)
+    except (OSError, ValueError):
+        wanted = {{}}
+    fake.set_processes(handle.index, wanted.get(str(handle.index), []))
+    return listing(handle)
+pynvml.nvmlDeviceGetComputeRunningProcesses = processes
+from labvm_spawner.monitor.service import main
+main(sys.argv[1:])
+"""
+    _idle_s = float(os.environ.get("LABVM_TEST_MONITOR_IDLE_S", "0"))
+    _service, _roles = hub_service(
+        port=int(os.environ["LABVM_TEST_PORT"]) + 3,
+        command=[sys.executable, "-c", _monitor_shim],
+        args=[
+            f"--Collector.node_name={os.environ['LABVM_TEST_NODE']}",
+            f"--Collector.state_dir={os.environ['LABVM_TEST_STATE']}",
+            "--MonitorService.interval_s=1",
+            "--MonitorService.history_step_s=5",
+            "--Collector.container_refresh_s=1",
+            f"--IdleReclaim.idle_hours={_idle_s / 3600}",
+            f"--IdleReclaim.warn_hours={_idle_s / 2 / 3600}",
+            "--IdleReclaim.idle_util_percent=101",  # fake GPUs never idle by themselves
+        ],
+    )
+    _service["environment"] = {
+        "LABVM_TEST_MONITOR_PROCS": os.environ["LABVM_TEST_MONITOR_PROCS"],
+        "LABVM_METRICS_TOKEN": os.environ["LABVM_TEST_METRICS_TOKEN"],
+    }
+    c.Authenticator.admin_users = {"boss"}  # the admin the monitor tests log in as
+    c.JupyterHub.services = c.JupyterHub.services + [_service]
+    c.JupyterHub.load_roles = c.JupyterHub.load_roles + _roles
+# ---- END labvm monitor ----

@@ -1,0 +1,169 @@
+"""HTTP handlers. Every page and API needs a hub login (HubOAuth); admin ones need an
+admin, user ones show only the caller's own roots. /metrics takes an admin or the
+configured metrics token, never an anonymous request."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from typing import Any
+
+from jupyterhub.services.auth import HubOAuthenticated
+from tornado import web
+
+from ..names import root_key
+
+
+class BaseHandler(HubOAuthenticated, web.RequestHandler):
+    @property
+    def monitor(self):  # type: ignore[no-untyped-def]
+        return self.settings["monitor"]
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        self.set_header("Content-Type", "application/json")
+        reason = self._reason
+        exc = kwargs.get("exc_info", (None, None))[1]
+        if isinstance(exc, web.HTTPError) and exc.log_message:
+            reason = exc.log_message
+        self.finish(json.dumps({"status": status_code, "message": reason}))
+
+    def login_user(self) -> dict[str, Any]:
+        user = self.current_user
+        if not user:
+            raise web.HTTPError(403, "log in to the hub first")
+        return user
+
+    def admin_user(self) -> dict[str, Any]:
+        user = self.login_user()
+        if not user.get("admin"):
+            raise web.HTTPError(403, "admins only")
+        return user
+
+    def json_body(self) -> dict[str, Any]:
+        try:
+            body = json.loads(self.request.body or b"{}")
+        except ValueError as e:
+            raise web.HTTPError(400, "body must be JSON") from e
+        if not isinstance(body, dict):
+            raise web.HTTPError(400, "body must be a JSON object")
+        return body
+
+    def page(self, template: str, **ns: Any) -> None:
+        token = self.xsrf_token  # JupyterHub's xsrf token, which HubOAuth checks on POST
+        self.render(template, prefix=self.monitor.prefix, hub_prefix=self.monitor.hub_prefix,
+                    interval_s=self.monitor.interval_s,
+                    xsrf=token.decode() if isinstance(token, bytes) else token, **ns)
+
+
+class RootHandler(BaseHandler):
+    @web.authenticated
+    def get(self) -> None:
+        admin = self.login_user().get("admin")
+        self.redirect(self.monitor.prefix + ("admin/gpus" if admin else "me"))
+
+
+class AdminPageHandler(BaseHandler):
+    @web.authenticated
+    def get(self, tab: str) -> None:
+        user = self.admin_user()
+        self.page("admin.html", tab=tab, user=user)
+
+
+class UserPageHandler(BaseHandler):
+    @web.authenticated
+    def get(self) -> None:
+        self.page("user.html", tab="me", user=self.login_user())
+
+
+class AdminStateHandler(BaseHandler):
+    @web.authenticated
+    async def get(self) -> None:
+        self.admin_user()
+        self.write(await self.monitor.admin_state())
+
+
+class UserStateHandler(BaseHandler):
+    @web.authenticated
+    async def get(self) -> None:
+        user = self.login_user()
+        self.write(await self.monitor.user_state(user["name"]))
+
+
+class HistoryHandler(BaseHandler):
+    """?kind=node|gpu|user&subject=...&hours=N; users may only ask for their own roots."""
+
+    def initialize(self, admin: bool) -> None:
+        self.admin_only = admin
+
+    @web.authenticated
+    async def get(self) -> None:
+        user = self.login_user()
+        kind = self.get_argument("kind")
+        subject = self.get_argument("subject")
+        hours = float(self.get_argument("hours", "1"))
+        if self.admin_only:
+            self.admin_user()
+        elif kind != "user" or not _owns(user["name"], subject):
+            raise web.HTTPError(403, "only your own usage")
+        points = self.monitor.history.series(kind, subject, time.time() - hours * 3600,
+                                             self.monitor.recent)
+        self.write({"kind": kind, "subject": subject, "points": points})
+
+
+def _owns(name: str, key: str) -> bool:
+    return key == root_key(name) or key.startswith(name + ".")
+
+
+class StopHandler(BaseHandler):
+    @web.authenticated
+    async def post(self) -> None:
+        admin = self.admin_user()
+        body = self.json_body()
+        user, server = str(body.get("user", "")), str(body.get("server", ""))
+        if not user:
+            raise web.HTTPError(400, "user is required")
+        await self.monitor.hub.stop_server(user, server)
+        self.monitor.log.info("%s stopped the server %r of %s", admin["name"], server, user)
+        self.write({"stopped": True})
+
+
+class DrainHandler(BaseHandler):
+    @web.authenticated
+    def post(self) -> None:
+        admin = self.admin_user()
+        body = self.json_body()
+        node = str(body.get("node") or self.monitor.node_name)
+        drained = bool(body.get("drained", True))
+        self.monitor.history.set_drained(node, drained, admin["name"])
+        self.write({"node": node, "drained": drained})
+
+
+class RestoreHandler(BaseHandler):
+    @web.authenticated
+    async def post(self) -> None:
+        admin = self.admin_user()
+        body = self.json_body()
+        key, version = str(body.get("key", "")), body.get("version")
+        if not key or not isinstance(version, int):
+            raise web.HTTPError(400, "key and an integer version are required")
+        new = await self.monitor.restore(key, version)
+        self.monitor.log.info("%s restored %s version %d as %d", admin["name"], key, version,
+                              new)
+        self.write({"key": key, "restored": version, "current_version": new})
+
+
+class MetricsHandler(BaseHandler):
+    def get(self) -> None:
+        token = self.monitor.metrics_token
+        header = self.request.headers.get("Authorization", "")
+        if token and hmac.compare_digest(header.encode(), f"Bearer {token}".encode()):
+            pass  # a Prometheus scraper with the configured token
+        else:
+            user = self.get_current_user()
+            if not user:
+                raise web.HTTPError(401, "a metrics token or an admin login is required")
+            if not user.get("admin"):
+                raise web.HTTPError(403, "admins only")
+        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.write(self.monitor.metrics())

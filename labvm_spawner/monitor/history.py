@@ -1,0 +1,155 @@
+"""Recent samples in memory, and a downsampled history in a database that survives restarts.
+
+Every ``step_s`` seconds the points of the samples in that step are averaged and written
+as one row per series; rows older than ``retention_days`` are deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import Boolean, DateTime, Integer, String, Text, create_engine, delete, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from .collector import Sample
+from .points import SeriesKey, points_of
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class HistoryPoint(_Base):
+    __tablename__ = "labvm_monitor_points"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    node: Mapped[str] = mapped_column(String(255), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    subject: Mapped[str] = mapped_column(String(255), index=True)
+    t: Mapped[int] = mapped_column(Integer, index=True)  # start of the step, unix seconds
+    values: Mapped[str] = mapped_column(Text)  # JSON object of averaged numbers
+
+
+class NodeFlag(_Base):
+    """Admin flags of a node; placement (a later issue) skips drained nodes."""
+
+    __tablename__ = "labvm_monitor_node_flags"
+    node: Mapped[str] = mapped_column(String(255), primary_key=True)
+    drained: Mapped[bool] = mapped_column(Boolean, default=False)
+    changed_by: Mapped[str] = mapped_column(String(255), default="")
+    changed_at: Mapped[datetime] = mapped_column(DateTime)  # naive UTC
+
+
+class RecentSamples:
+    """The last ``size`` samples, newest last."""
+
+    def __init__(self, size: int) -> None:
+        self.samples: deque[Sample] = deque(maxlen=max(1, size))
+
+    def add(self, sample: Sample) -> None:
+        self.samples.append(sample)
+
+    def latest(self) -> Sample | None:
+        return self.samples[-1] if self.samples else None
+
+
+class History:
+    def __init__(self, db_url: str, step_s: int = 60, retention_days: float = 8) -> None:
+        url = make_url(db_url)
+        args: dict[str, object] = {}
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+            args = {"check_same_thread": False, "timeout": 30}
+        self.engine = create_engine(url, connect_args=args)
+        _Base.metadata.create_all(self.engine)
+        self.step_s = int(step_s)
+        self.retention_s = retention_days * 86400
+        self._bucket: int | None = None
+        self._node = ""
+        self._sums: dict[SeriesKey, dict[str, float]] = {}
+        self._counts: dict[SeriesKey, int] = {}
+        self._pruned_at = 0.0
+
+    def close(self) -> None:
+        self.flush()
+        self.engine.dispose()
+
+    # ---- writing -------------------------------------------------------------
+
+    def add(self, sample: Sample) -> None:
+        bucket = int(sample.t // self.step_s * self.step_s)
+        if self._bucket is not None and bucket != self._bucket:
+            self.flush()
+        self._bucket, self._node = bucket, sample.node
+        for key, values in points_of(sample).items():
+            sums = self._sums.setdefault(key, {})
+            for name, v in values.items():
+                sums[name] = sums.get(name, 0.0) + float(v)
+            self._counts[key] = self._counts.get(key, 0) + 1
+        if time.time() - self._pruned_at > 3600:
+            self.prune()
+
+    def flush(self) -> None:
+        """Write the averages of the current step (also called at shutdown)."""
+        if self._bucket is None or not self._sums:
+            return
+        rows = [
+            HistoryPoint(node=self._node, kind=kind, subject=subject, t=self._bucket,
+                         values=json.dumps({k: v / self._counts[(kind, subject)]
+                                            for k, v in sums.items()}))
+            for (kind, subject), sums in self._sums.items()
+        ]
+        with Session(self.engine) as s, s.begin():
+            s.add_all(rows)
+        self._sums.clear()
+        self._counts.clear()
+        self._bucket = None
+
+    def prune(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        self._pruned_at = now
+        with Session(self.engine) as s, s.begin():
+            result = s.execute(delete(HistoryPoint).where(HistoryPoint.t < now - self.retention_s))
+        return result.rowcount or 0
+
+    # ---- reading -------------------------------------------------------------
+
+    def series(self, kind: str, subject: str, since: float,
+               recent: RecentSamples | None = None) -> list[tuple[float, dict[str, float]]]:
+        """Stored points from ``since`` on, then the finer recent ones after the last stored."""
+        with Session(self.engine) as s:
+            rows = s.execute(
+                select(HistoryPoint.t, HistoryPoint.values)
+                .where(HistoryPoint.kind == kind, HistoryPoint.subject == subject,
+                       HistoryPoint.t >= since)
+                .order_by(HistoryPoint.t)
+            ).all()
+        out = [(float(t), json.loads(v)) for t, v in rows]
+        last = out[-1][0] + self.step_s if out else since
+        for sample in recent.samples if recent else ():
+            if sample.t >= last:
+                values = points_of(sample).get((kind, subject))
+                if values is not None:
+                    out.append((sample.t, values))
+        return out
+
+    # ---- node flags ----------------------------------------------------------
+
+    def set_drained(self, node: str, drained: bool, by: str) -> None:
+        with Session(self.engine) as s, s.begin():
+            flag = s.get(NodeFlag, node) or NodeFlag(node=node)
+            flag.drained, flag.changed_by = drained, by
+            flag.changed_at = datetime.now(UTC).replace(tzinfo=None)
+            s.add(flag)
+
+    def drained_nodes(self) -> set[str]:
+        with Session(self.engine) as s:
+            return set(s.scalars(select(NodeFlag.node).where(NodeFlag.drained)))
+
+    def nodes(self) -> list[str]:
+        with Session(self.engine) as s:
+            return sorted(s.scalars(select(HistoryPoint.node).distinct()))

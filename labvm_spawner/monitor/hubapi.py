@@ -1,0 +1,35 @@
+"""The few hub REST API calls the service makes, with the service's own token."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+from urllib.parse import quote
+
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+
+
+class HubApi:
+    def __init__(self, api_url: str | None = None, token: str | None = None) -> None:
+        self.api_url = (api_url or os.environ.get("JUPYTERHUB_API_URL", "")).rstrip("/")
+        self.token = token or os.environ.get("JUPYTERHUB_API_TOKEN", "")
+
+    async def _call(self, method: str, path: str, body: Any = None) -> Any:
+        req = HTTPRequest(
+            self.api_url + path, method=method,
+            headers={"Authorization": f"token {self.token}"},
+            body=None if body is None and method in ("GET", "DELETE") else json.dumps(body or {}),
+            allow_nonstandard_methods=True, request_timeout=30,
+        )
+        resp = await AsyncHTTPClient().fetch(req, raise_error=True)
+        return json.loads(resp.body) if resp.body else None
+
+    async def users(self) -> list[dict[str, Any]]:
+        # include_stopped_servers so a stopped named server still shows its root
+        return await self._call("GET", "/users?include_stopped_servers=1") or []
+
+    async def stop_server(self, user: str, server: str = "") -> None:
+        path = f"/users/{quote(user)}/server" if not server else \
+            f"/users/{quote(user)}/servers/{quote(server)}"
+        await self._call("DELETE", path)

@@ -1,0 +1,260 @@
+"""The monitor as a hub-managed JupyterHub service: one tornado app per node.
+
+It samples the node every ``interval_s`` seconds, keeps recent samples in memory and a
+downsampled history in a database, runs the idle-GPU reclaim policy, and serves the
+admin pages, each user's own page and /metrics under the service's prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from jupyterhub.services.auth import HubOAuthCallbackHandler
+from jupyterhub.utils import url_path_join
+from tornado import ioloop, web
+from traitlets import Float, Int, Unicode, default
+from traitlets.config import Application
+
+from ..storage import open_store
+from . import handlers, notice
+from .collector import Collector, Sample
+from .history import History, RecentSamples
+from .hubapi import HubApi
+from .metrics import exposition
+from .reclaim import Decision, IdleReclaim
+from .state import gpu_view, node_view, user_view
+
+HERE = Path(__file__).resolve().parent
+
+
+class MonitorService(Application):
+    name = "labvm-monitor"
+    description = "LabVM monitoring: admin pages, users' own usage, /metrics, idle GPU reclaim"
+    classes = [Collector, IdleReclaim]
+    aliases = {"config": "MonitorService.config_file"}
+
+    config_file = Unicode("", help="A traitlets config file (Python) to load.").tag(config=True)
+    interval_s = Float(5.0, help="Seconds between samples of this node.").tag(config=True)
+    recent_minutes = Float(
+        30.0, help="Minutes of full-resolution samples kept in memory."
+    ).tag(config=True)
+    history_db_url = Unicode(
+        "", help="SQLAlchemy URL of the history database; empty means sqlite:///<state_dir>/"
+        "monitor.sqlite (separate from the allocations, so writes never contend)."
+    ).tag(config=True)
+    history_step_s = Int(60, help="Seconds averaged into one stored history point.").tag(
+        config=True)
+    retention_days = Float(8.0, help="Days of history kept in the database (>= 7).").tag(
+        config=True)
+    metrics_token = Unicode(
+        help="Bearer token a Prometheus scraper sends to read /metrics (header "
+        "'Authorization: Bearer <token>'). Empty: only logged-in hub admins may read it. "
+        "Defaults to $LABVM_METRICS_TOKEN."
+    ).tag(config=True)
+    bind_url = Unicode(
+        help="Where to listen; defaults to $JUPYTERHUB_SERVICE_URL (set by the hub)."
+    ).tag(config=True)
+    prefix = Unicode(help="URL prefix; defaults to $JUPYTERHUB_SERVICE_PREFIX.").tag(config=True)
+    hub_prefix = Unicode("/hub/", help="The hub's URL prefix, for links back to it.").tag(
+        config=True)
+
+    @default("metrics_token")
+    def _metrics_token_default(self) -> str:
+        return os.environ.get("LABVM_METRICS_TOKEN", "")
+
+    @default("bind_url")
+    def _bind_url_default(self) -> str:
+        return os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:8089")
+
+    @default("prefix")
+    def _prefix_default(self) -> str:
+        return os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/labvm-monitor/")
+
+    @default("hub_prefix")
+    def _hub_prefix_default(self) -> str:
+        return os.environ.get("JUPYTERHUB_BASE_URL", "/").rstrip("/") + "/hub/"
+
+    def initialize(self, argv: list[str] | None = None) -> None:
+        self.parse_command_line(argv)
+        if self.config_file:
+            self.load_config_file(self.config_file)
+            self.parse_command_line(argv)  # the command line wins over the file
+        self.collector = Collector(parent=self)
+        self.reclaim = IdleReclaim(parent=self)
+        url = self.history_db_url or f"sqlite:///{Path(self.collector.state_dir)}/monitor.sqlite"
+        self.history = History(url, self.history_step_s, self.retention_days)
+        self.recent = RecentSamples(int(self.recent_minutes * 60 / self.interval_s))
+        self.hub = HubApi()
+        self.warnings: dict[str, dict[str, Any]] = {}  # key -> the warning its user sees
+        self.reclaimed: list[dict[str, Any]] = []
+
+    @property
+    def node_name(self) -> str:
+        return self.collector.node_name
+
+    @property
+    def store_root(self) -> str:
+        return self.collector.store_path
+
+    # ---- sampling ------------------------------------------------------------
+
+    async def tick(self) -> None:
+        try:
+            sample = await asyncio.to_thread(self.collector.sample)
+        except Exception:
+            self.log.exception("sampling failed")
+            return
+        self.recent.add(sample)
+        await asyncio.to_thread(self.history.add, sample)
+        for d in self.reclaim.decide(sample):
+            await self.carry_out(d)
+
+    async def carry_out(self, d: Decision) -> None:
+        if d.action == "warn":
+            self.warnings[d.key] = {"idle_since": d.idle_since, "stop_at": d.stop_at}
+            self.log.info("warning %s: idle GPUs, stop at %s", d.key, time.ctime(d.stop_at))
+            await asyncio.to_thread(notice.write, self.collector.docker, d.key, self.node_name,
+                                    d.stop_at, d.idle_since)
+        elif d.action == "clear":
+            self.warnings.pop(d.key, None)
+            await asyncio.to_thread(notice.remove, self.collector.docker, d.key, self.node_name)
+        elif d.action == "stop":
+            self.log.warning("reclaiming the idle GPUs of %s: stopping its server", d.key)
+            try:
+                await self.hub.stop_server(d.user, d.server)
+            except Exception:
+                self.log.exception("could not stop %s", d.key)
+                return
+            self.warnings.pop(d.key, None)
+            self.reclaimed.append({"key": d.key, "t": time.time()})
+
+    def latest(self) -> Sample | None:
+        return self.recent.latest()
+
+    def metrics(self) -> bytes:
+        return exposition(self.latest)
+
+    # ---- views ---------------------------------------------------------------
+
+    async def admin_state(self) -> dict[str, Any]:
+        sample = self.latest()
+        users = await self.hub.users()
+        views = [user_view(u, sample, self.store_root, self.warnings) for u in users]
+        return {
+            "nodes": [node_view(sample, self.node_name,
+                                self.node_name in self.history.drained_nodes())],
+            "gpus": gpu_view(sample),
+            "users": views,
+            "reclaim": {"idle_hours": self.reclaim.idle_hours,
+                        "warn_hours": self.reclaim.warn_hours, "reclaimed": self.reclaimed},
+            "restore_supported": hasattr(open_store(self.store_root), "restore"),
+        }
+
+    async def user_state(self, name: str) -> dict[str, Any]:
+        users = {u["name"]: u for u in await self.hub.users()}
+        user = users.get(name, {"name": name})
+        return user_view(user, self.latest(), self.store_root, self.warnings)
+
+    async def restore(self, key: str, version: int) -> int:
+        store = open_store(self.store_root)
+        if not hasattr(store, "restore"):
+            raise web.HTTPError(501, "this layer store cannot restore versions yet")
+        sample = self.latest()
+        if sample and any(c.key == key for c in sample.containers):
+            raise web.HTTPError(409, f"stop the server of {key} before restoring its root")
+        if version not in store.versions(key):
+            raise web.HTTPError(404, f"{key} has no version {version}")
+        return await asyncio.to_thread(store.restore, key, version)
+
+    # ---- the web app ---------------------------------------------------------
+
+    def make_app(self) -> web.Application:
+        p = self.prefix
+        H = handlers
+        routes = [
+            (p, H.RootHandler),
+            (p + r"admin/(nodes|gpus|users)", H.AdminPageHandler),
+            (p + "me", H.UserPageHandler),
+            (p + "api/admin/state", H.AdminStateHandler),
+            (p + "api/admin/history", H.HistoryHandler, {"admin": True}),
+            (p + "api/admin/stop", H.StopHandler),
+            (p + "api/admin/drain", H.DrainHandler),
+            (p + "api/admin/restore", H.RestoreHandler),
+            (p + "api/me", H.UserStateHandler),
+            (p + "api/me/history", H.HistoryHandler, {"admin": False}),
+            (p + "metrics", H.MetricsHandler),
+            (p + "oauth_callback", HubOAuthCallbackHandler),
+        ]
+        return web.Application(
+            routes,
+            monitor=self,
+            template_path=str(HERE / "templates"),
+            static_path=str(HERE / "static"),
+            static_url_prefix=url_path_join(p, "static/"),
+            cookie_secret=secrets.token_bytes(32),
+            # No tornado-wide xsrf check: it would run before token auth and refuse API
+            # clients. HubOAuth itself accepts the login cookie on a POST (or a fetch)
+            # only with a valid xsrf token, which is the protection that matters.
+        )
+
+    async def serve(self) -> None:
+        app = self.make_app()
+        url = urlparse(self.bind_url)
+        app.listen(url.port or 80, url.hostname or "127.0.0.1")
+        self.log.info("LabVM monitor on %s%s (node %s)", self.bind_url, self.prefix,
+                      self.node_name)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.tick()
+        timer = ioloop.PeriodicCallback(self.tick, self.interval_s * 1000)
+        timer.start()
+        await stop.wait()
+        timer.stop()
+        self.history.close()
+        self.collector.close()
+
+    def start(self) -> None:
+        asyncio.run(self.serve())
+
+
+def hub_service(name: str = "labvm-monitor", port: int = 8089,
+                args: list[str] | None = None, command: list[str] | None = None,
+                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The entry for c.JupyterHub.services and the roles for c.JupyterHub.load_roles.
+
+    ``args`` are the service's traitlets options (e.g. ``--Collector.node_name=n1``),
+    appended to ``command`` (default: this Python running ``-m labvm_spawner.monitor``).
+    The service's role lets it list users and their servers and stop servers, nothing
+    more. The default ``user`` role gains access to this one service (JupyterHub grants
+    none by default), so every user can open their own page; it stays "self" otherwise.
+    """
+    service = {
+        "name": name,
+        "url": f"http://127.0.0.1:{port}",
+        "command": (command or [sys.executable, "-m", "labvm_spawner.monitor"]) + list(args or []),
+        "oauth_no_confirm": True,
+        "display": True,
+        "info": {"description": "LabVM: nodes, GPUs, users and your own usage"},
+    }
+    roles = [
+        {"name": f"{name}-service", "services": [name],
+         "scopes": ["list:users", "read:users", "read:servers", "admin:servers"]},
+        {"name": "user", "scopes": ["self", f"access:services!service={name}"]},
+    ]
+    return service, roles
+
+
+def main(argv: list[str] | None = None) -> None:
+    app = MonitorService.instance()
+    app.initialize(argv)
+    app.start()
