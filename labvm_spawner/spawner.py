@@ -350,7 +350,9 @@ class LabVMSpawner(Spawner):
             undo.append(lambda: self._remove_container(container.id))
             self.container_id = container.id
             ip = await self._container_ip(container)
-            self._emit(90, "Container running; waiting for Jupyter")
+            self._emit(80, "Container running; waiting for Jupyter")
+            await self._wait_for_server(container, ip, containerspec.SERVER_PORT)
+            self._emit(90, "Jupyter is listening")
             return (ip, containerspec.SERVER_PORT)
         except BaseException:
             for step in reversed(undo):
@@ -435,6 +437,35 @@ class LabVMSpawner(Spawner):
                 return ip
             await asyncio.sleep(0.1)
         raise LabVMError("the container got no network address")
+
+    async def _wait_for_server(self, container, ip: str, port: int) -> None:
+        """Return once the server accepts connections; raise if its container dies first.
+
+        The hub probes a new server with a growing back-off, so a server that comes up
+        between two probes waits for the next one; returning only when the port is open
+        lets the hub's first probe succeed. A server that cannot start fails here, with
+        its log, instead of after the hub's http_timeout.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(self.http_timeout, 120)
+        checked = loop.time()
+        while loop.time() < deadline:
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), 1)
+            except (TimeoutError, OSError):
+                pass
+            else:
+                writer.close()
+                return
+            if loop.time() - checked > 0.5:
+                checked = loop.time()
+                await asyncio.to_thread(container.reload)
+                if container.status != "running":
+                    logs = container.logs(tail=30).decode(errors="replace")
+                    raise LabVMError(f"the server's container stopped while starting:\n{logs}")
+            await asyncio.sleep(0.05)
+        # Not our call to give up: the hub's own http_timeout decides.
+        self.log.warning("%s: port %s not open yet; leaving it to the hub", self._log_name, port)
 
     def _remove_container(self, name_or_id: str) -> None:
         try:

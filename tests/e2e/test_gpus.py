@@ -70,8 +70,10 @@ def test_failed_start_leaves_nothing_behind(hub_factory, docker_client, breakage
     """A server that fails after GPUs, root and secrets were set up leaves none of them."""
     hub = hub_factory(env={"LABVM_TEST_BROKEN_USER": "broken", "LABVM_TEST_BREAKAGE": breakage})
     hub.create_user("broken")
-    with pytest.raises(HubError):
+    with pytest.raises(HubError) as err:
         hub.spawn("broken", {"gpus": 8})
+    expected = {"cmd": "stopped while starting", "image": "no-such-image"}[breakage]
+    assert expected in str(err.value)
     # The hub gives up on a server that never answers after http_timeout (30 s here).
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and (hub.api("GET", "/users/broken").json()["servers"]
