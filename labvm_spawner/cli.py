@@ -24,14 +24,16 @@ def build_parser() -> argparse.ArgumentParser:
     build = image_sub.add_parser("build", help="build the base and user images (cached by content)")
     build.set_defaults(func=_image_build)
 
-    try:
-        from .storage import cli as storage_cli
-    except ImportError:
-        storage_cli = None
-    if storage_cli is not None and hasattr(storage_cli, "register"):
-        storage = sub.add_parser("storage", help="the layer store: merge, sync, versions, fsck")
-        storage_cli.register(storage.add_subparsers(dest="storage_command", required=True))
-        storage.set_defaults(func=storage_cli.run)
+    from .monitor import cli as monitor_cli
+    from .storage import cli as storage_cli
+
+    storage = sub.add_parser("storage", help="the layer store: merge, sync, versions, fsck")
+    storage_cli.register(storage.add_subparsers(dest="storage_command", required=True))
+    storage.set_defaults(func=storage_cli.run)
+
+    monitor = sub.add_parser("monitor", help="the monitoring service and one-off samples")
+    monitor_cli.register(monitor.add_subparsers(dest="monitor_command", required=True))
+    monitor.set_defaults(func=monitor_cli.run)
     return parser
 
 

@@ -26,6 +26,9 @@ CHUNK_IP=$NET.2
 ROOT_IP=$NET.254
 
 log() { echo "moosefs.sh: $*" >&2; }
+# grep on a captured string: "cmd | grep -q" can fail under pipefail (SIGPIPE).
+contains() { grep -qF -- "$1" <<<"$2"; }
+contains_word() { grep -qw -- "$1" <<<"$2"; }
 
 ensure_packages() {
     local missing=()
@@ -45,7 +48,7 @@ is_mounted() { mountpoint -q "$MNT" 2>/dev/null; }
 
 setup_net() {
     ip link show "$BR" >/dev/null 2>&1 || ip link add "$BR" type bridge
-    ip addr show dev "$BR" | grep -q "$ROOT_IP/" || ip addr add "$ROOT_IP/24" dev "$BR"
+    contains "$ROOT_IP/" "$(ip addr show dev "$BR")" || ip addr add "$ROOT_IP/24" dev "$BR"
     ip link set "$BR" up
     # Docker sets the FORWARD policy to DROP and bridged frames pass iptables
     # (br_netfilter): allow traffic between ports of our bridge only.
@@ -56,7 +59,7 @@ setup_net() {
     local ns ipaddr tag
     for pair in "$NS_M:$MASTER_IP:m" "$NS_C:$CHUNK_IP:c"; do
         IFS=: read -r ns ipaddr tag <<<"$pair"
-        ip netns list | grep -qw "$ns" || ip netns add "$ns"
+        contains_word "$ns" "$(ip netns list)" || ip netns add "$ns"
         ip netns exec "$ns" ip link set lo up
         if ! ip netns exec "$ns" ip link show eth0 >/dev/null 2>&1; then
             ip link del "lvmfs-$tag" >/dev/null 2>&1 || true
@@ -65,7 +68,7 @@ setup_net() {
             ip netns exec "$ns" ip link set "lvmfs-${tag}p" name eth0
             ip link set "lvmfs-$tag" master "$BR" up
         fi
-        ip netns exec "$ns" ip addr show dev eth0 | grep -q "$ipaddr/" ||
+        contains "$ipaddr/" "$(ip netns exec "$ns" ip addr show dev eth0)" ||
             ip netns exec "$ns" ip addr add "$ipaddr/24" dev eth0
         ip netns exec "$ns" ip link set eth0 up
     done
@@ -154,7 +157,7 @@ down() {
     if is_mounted; then umount "$MNT" 2>/dev/null || umount -l "$MNT"; fi
     local ns prog
     for ns in "$NS_C" "$NS_M"; do
-        if ip netns list | grep -qw "$ns"; then
+        if contains_word "$ns" "$(ip netns list)"; then
             prog=mfschunkserver
             [ "$ns" = "$NS_M" ] && prog=mfsmaster
             if [ -e "$STATE/mfs$([ $prog = mfsmaster ] && echo master || echo chunkserver).cfg" ]; then

@@ -4,6 +4,9 @@ A plain library with no JupyterHub import, so it can be used and tested on its
 own (and from the ``labvm storage`` command line).
 """
 
-from .store import LayerStore, StoreError, open_store
+from .errors import MergeRefused, StoreError
+from .merge import merge_into_new, merge_upper
+from .store import LayerStore, open_store
 
-__all__ = ["LayerStore", "StoreError", "open_store"]
+__all__ = ["LayerStore", "MergeRefused", "StoreError", "merge_into_new", "merge_upper",
+           "open_store"]

@@ -2,38 +2,74 @@
 
 Layout under the store root, per key (a validated user or user.server name)::
 
-    <key>/versions/<N>/      immutable, published versions 1..n
+    <key>/versions/<N>/      immutable, published versions
     <key>/current            symlink -> versions/<N>, swapped atomically
-    <key>/.staging/          versions being built; never visible as current
+    <key>/.staging/<N>/      versions being built; never visible as current
+    <key>/.trash/            pruned versions being deleted
+    <key>/upper-sync/        background copy of the live upper (see sync.py)
+    <key>/.lock              flock held by every mutating operation
 
 A version becomes visible only by renaming a finished staging directory into
 ``versions/`` and then atomically replacing the ``current`` symlink, so a crash
-leaves either the old or the new version current.
+leaves either the old or the new version current. Anything under ``versions/``
+is complete; a version newer than ``current`` is a publish that never finished
+and is dropped by recovery (its upper is still there to be merged again).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import fcntl
 import os
 import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import fsops
+from .crash import crashpoint
+from .errors import StoreError
+from .merge import MergeStats, apply_upper, scan_upper
+from .treecopy import copy_tree
+
+__all__ = ["LayerStore", "StoreError", "open_store", "FsckReport"]
+
 _KEY = re.compile(r"^[a-z][a-z0-9_-]{0,31}(\.[a-z0-9][a-z0-9_-]{0,63})?$")
+DEFAULT_KEEP = int(os.environ.get("LABVM_STORE_KEEP", "5"))
 
 
-class StoreError(Exception):
-    """A store operation was refused; the message says why, for a person."""
+@dataclass
+class FsckReport:
+    """What fsck found (``problems``) and, with repair, what it did (``repaired``)."""
+
+    problems: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not self.problems
 
 
 class LayerStore:
     """Numbered, immutable layer versions for each key, with an atomic current pointer."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], keep: int = DEFAULT_KEEP) -> None:
         self.root = Path(root)
+        if keep < 1:
+            raise StoreError("keep must be at least 1")
+        self.keep = keep
 
+    # ---- layout -------------------------------------------------------------
     def key_dir(self, key: str) -> Path:
         if not _KEY.match(key):
             raise StoreError(f"invalid layer key {key!r}")
         return self.root / key
+
+    def keys(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _KEY.match(p.name))
 
     def versions(self, key: str) -> list[int]:
         """Published version numbers of ``key``, oldest first."""
@@ -48,22 +84,117 @@ class LayerStore:
             target = os.readlink(link)
         except FileNotFoundError:
             return None
-        return int(Path(target).name)
+        name = Path(target).name
+        return int(name) if name.isdigit() else None
 
     def version_path(self, key: str, n: int) -> Path:
         return self.key_dir(key) / "versions" / str(n)
 
+    def sync_path(self, key: str) -> Path:
+        """Where the background sync keeps the copy of this key's live upper."""
+        return self.key_dir(key) / "upper-sync"
+
+    # ---- locking and recovery ---------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self, key: str) -> Iterator[None]:
+        """Exclusive per-key lock (flock; released by the kernel if we die)."""
+        kdir = self.key_dir(key)
+        kdir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(kdir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _check_key(self, key: str, repair: bool, report: FsckReport, deep: bool = True) -> None:
+        kdir = self.key_dir(key)
+
+        def fix(problem: str, action) -> None:  # type: ignore[no-untyped-def]
+            report.problems.append(f"{key}: {problem}")
+            if repair:
+                action()
+                report.repaired.append(f"{key}: {problem}")
+
+        for sub in (".staging", ".trash"):
+            d = kdir / sub
+            if d.is_dir():
+                for p in sorted(d.iterdir()):
+                    what = "partial version" if sub == ".staging" else "half-deleted version"
+                    fix(f"{what} {sub}/{p.name}", lambda p=p: fsops.remove_any(os.fspath(p)))
+        for p in sorted(kdir.glob("upper-sync.index.*.tmp")):
+            fix(f"stale sync index {p.name}", lambda p=p: p.unlink())
+        for p in sorted(kdir.glob(".current.*.tmp")):
+            fix(f"stale link {p.name}", lambda p=p: p.unlink())
+        vdir = kdir / "versions"
+        if vdir.is_dir():
+            for p in sorted(vdir.iterdir()):
+                if not p.name.isdigit() or not p.is_dir() or p.is_symlink():
+                    fix(f"stray entry versions/{p.name}",
+                        lambda p=p: fsops.remove_any(os.fspath(p)))
+        versions = [n for n in self.versions(key) if self.version_path(key, n).is_dir()]
+        cur = self.current_version(key)
+        link = kdir / "current"
+        if cur is None or cur not in versions:
+            if link.is_symlink() or versions:
+                state = "missing" if not link.is_symlink() else f"dangling ({os.readlink(link)})"
+                if versions:
+                    fix(f"current is {state}; pointing it at version {versions[-1]}",
+                        lambda: self._swap_current(key, versions[-1]))
+                else:
+                    fix(f"current is {state} and no version exists; removing it", link.unlink)
+            return
+        for n in versions:
+            if n > cur:
+                fix(f"version {n} is newer than current {cur} (unfinished publish); dropping it",
+                    lambda n=n: self._delete_version(key, n))
+        sync_dir = self.sync_path(key)
+        if deep and sync_dir.is_dir():  # a full walk: fsck only, not every commit
+            for dirpath, dirnames, filenames in os.walk(sync_dir):
+                for name in filenames + dirnames:
+                    if name.startswith(TMP_PREFIX):
+                        p = os.path.join(dirpath, name)
+                        fix(f"sync temp file {os.path.relpath(p, kdir)}",
+                            lambda p=p: fsops.remove_any(p))
+
+    def _recover(self, key: str) -> None:
+        """Called with the key lock held: finish or roll back whatever a crash left."""
+        self._check_key(key, True, FsckReport(), deep=False)
+
+    def fsck(self, repair: bool = False, keys: list[str] | None = None) -> FsckReport:
+        """Check every key (or ``keys``); with ``repair``, fix what is found."""
+        report = FsckReport()
+        for key in keys if keys is not None else self.keys():
+            with self.locked(key):
+                self._check_key(key, repair, report)
+        return report
+
+    # ---- publishing ---------------------------------------------------------------
+    def _staging(self, key: str, n: int) -> Path:
+        staging = self.key_dir(key) / ".staging"
+        staging.mkdir(parents=True, exist_ok=True)
+        tmp = staging / str(n)
+        if tmp.exists() or tmp.is_symlink():
+            fsops.remove_any(os.fspath(tmp))
+        return tmp
+
+    def _next_number(self, key: str) -> int:
+        return max(self.versions(key), default=0) + 1
+
     def current_path(self, key: str) -> Path:
         """The current version's directory, creating an empty version 1 first if there is none."""
         n = self.current_version(key)
-        if n is None:
-            staging = self.key_dir(key) / ".staging"
-            staging.mkdir(parents=True, exist_ok=True)
-            tmp = staging / "1"
-            tmp.mkdir(exist_ok=True)
-            tmp.chmod(0o755)
-            self.publish(key, 1, tmp)
-            n = 1
+        if n is None or not self.version_path(key, n).is_dir():
+            with self.locked(key):
+                self._recover(key)
+                n = self.current_version(key)
+                if n is None:
+                    tmp = self._staging(key, 1)
+                    tmp.mkdir()
+                    tmp.chmod(0o755)
+                    crashpoint("init.staged")
+                    self.publish(key, 1, tmp)
+                    n = 1
         return self.version_path(key, n)
 
     def publish(self, key: str, n: int, built: Path) -> None:
@@ -71,14 +202,92 @@ class LayerStore:
         kdir = self.key_dir(key)
         final = kdir / "versions" / str(n)
         final.parent.mkdir(parents=True, exist_ok=True)
-        if built != final:
+        if Path(built) != final:
+            _syncfs(built)  # contents durable before the name makes them visible
+            crashpoint("publish.synced")
             os.rename(built, final)
+            _fsync_dir(final.parent)
+        crashpoint("publish.renamed")
+        self._swap_current(key, n)
+        crashpoint("publish.swapped")
+
+    def _swap_current(self, key: str, n: int) -> None:
+        kdir = self.key_dir(key)
         tmp_link = kdir / f".current.{n}.tmp"
         if tmp_link.is_symlink():
             tmp_link.unlink()
         os.symlink(f"versions/{n}", tmp_link)
+        crashpoint("publish.link_created")
         os.replace(tmp_link, kdir / "current")
         _fsync_dir(kdir)
+
+    def _delete_version(self, key: str, n: int) -> None:
+        """Move the version out of versions/ first, so a crash never leaves half of one there."""
+        trash = self.key_dir(key) / ".trash"
+        trash.mkdir(exist_ok=True)
+        target = trash / str(n)
+        if target.exists():
+            fsops.remove_any(os.fspath(target))
+        os.rename(self.version_path(key, n), target)
+        crashpoint("delete.renamed")
+        fsops.remove_tree(target)
+        crashpoint("delete.removed")
+
+    def prune(self, key: str, keep: int | None = None) -> list[int]:
+        """Delete all but the newest ``keep`` versions, never the current one."""
+        keep = keep or self.keep
+        with self.locked(key):
+            return self._prune(key, keep)
+
+    def _prune(self, key: str, keep: int) -> list[int]:
+        cur = self.current_version(key)
+        versions = self.versions(key)
+        doomed = [n for n in versions[:-keep] if n != cur]
+        for n in doomed:
+            self._delete_version(key, n)
+            crashpoint("prune.one")
+        return doomed
+
+    # ---- operations ---------------------------------------------------------------
+    def commit(self, key: str, upper: str | Path,
+               workers: int | None = None) -> tuple[int, MergeStats]:
+        """Merge ``upper`` onto a copy of the current version and publish it as a new version."""
+        tree = scan_upper(upper, workers)  # refuses bad uppers before anything is written
+        base = self.current_path(key)
+        with self.locked(key):
+            self._recover(key)
+            crashpoint("commit.recovered")
+            cur = self.current_version(key)
+            base = self.version_path(key, cur) if cur is not None else base
+            n = self._next_number(key)
+            tmp = self._staging(key, n)
+            copy_tree(base, tmp)
+            crashpoint("commit.copied")
+            stats = apply_upper(tree, upper, tmp, workers)
+            crashpoint("commit.merged")
+            self.publish(key, n, tmp)
+            crashpoint("commit.published")
+            self._prune(key, self.keep)
+            crashpoint("commit.pruned")
+        return n, stats
+
+    def restore(self, key: str, n: int) -> int:
+        """Make a NEW version whose content is version ``n``; history is never rewritten."""
+        with self.locked(key):
+            self._recover(key)
+            if n not in self.versions(key):
+                raise StoreError(f"{key} has no version {n} (have {self.versions(key)})")
+            m = self._next_number(key)
+            tmp = self._staging(key, m)
+            copy_tree(self.version_path(key, n), tmp)
+            crashpoint("restore.copied")
+            self.publish(key, m, tmp)
+            crashpoint("restore.published")
+            self._prune(key, self.keep)
+        return m
+
+
+TMP_PREFIX = ".labvm-sync-tmp."
 
 
 def _fsync_dir(path: Path) -> None:
@@ -89,8 +298,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def open_store(root: str | os.PathLike[str]) -> LayerStore:
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _syncfs(path: str | os.PathLike[str]) -> None:
+    """Flush the file system holding ``path`` (one call instead of fsync per file)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), os.fspath(path))
+    finally:
+        os.close(fd)
+
+
+def open_store(root: str | os.PathLike[str], keep: int = DEFAULT_KEEP) -> LayerStore:
     """Open the store at ``root`` (a local directory or a MooseFS mount point)."""
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
-    return LayerStore(path)
+    return LayerStore(path, keep)

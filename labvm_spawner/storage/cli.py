@@ -1,0 +1,184 @@
+"""``labvm storage ...``: merge, commit, sync, versions, restore, prune, fsck.
+
+Exit codes: 0 ok, 1 the operation failed (or fsck found problems it did not
+repair), 2 bad arguments (nothing was touched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+from .errors import MergeRefused, StoreError
+from .merge import check_merge_args, merge_into_new
+from .store import DEFAULT_KEEP, open_store
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class _UsageError(StoreError):
+    pass
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the storage subcommands to ``subparsers``."""
+
+    def store_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--store", required=True, type=Path, help="store root (local or MooseFS)")
+
+    p = subparsers.add_parser("merge", help="write lower+upper, as the overlay shows it, into a "
+                              "new directory")
+    p.add_argument("--lower", required=True, type=Path)
+    p.add_argument("--upper", required=True, type=Path)
+    p.add_argument("--into", required=True, type=Path, help="new directory (must not exist)")
+    p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(storage_func=_merge)
+
+    p = subparsers.add_parser("commit", help="merge an upper into a new version of KEY")
+    p.add_argument("key")
+    store_args(p)
+    p.add_argument("--upper", type=Path, default=None,
+                   help="upper directory (default: the key's synced upper in the store)")
+    p.add_argument("--keep", type=int, default=DEFAULT_KEEP, help="versions to keep")
+    p.set_defaults(storage_func=_commit)
+
+    p = subparsers.add_parser("sync", help="copy a live upper's changes into the store")
+    store_args(p)
+    p.add_argument("--upper", required=True, type=Path)
+    p.add_argument("--key", required=True)
+    p.add_argument("--watch", action="store_true",
+                   help="keep running: journal changes with inotify, sync every --interval")
+    p.add_argument("--interval", type=float, default=5.0)
+    p.set_defaults(storage_func=_sync)
+
+    p = subparsers.add_parser("versions", help="list KEY's versions (* marks current)")
+    p.add_argument("key")
+    store_args(p)
+    p.set_defaults(storage_func=_versions)
+
+    p = subparsers.add_parser("restore", help="make a new version of KEY with version N's content")
+    p.add_argument("key")
+    p.add_argument("n", type=int)
+    store_args(p)
+    p.add_argument("--keep", type=int, default=DEFAULT_KEEP)
+    p.set_defaults(storage_func=_restore)
+
+    p = subparsers.add_parser("prune", help="delete all but the newest --keep versions of KEY")
+    p.add_argument("key")
+    store_args(p)
+    p.add_argument("--keep", type=int, default=DEFAULT_KEEP)
+    p.set_defaults(storage_func=_prune)
+
+    p = subparsers.add_parser("fsck", help="check the store; --repair fixes what a crash left")
+    store_args(p)
+    p.add_argument("--repair", action="store_true")
+    p.add_argument("--key", action="append", default=None, help="only these keys")
+    p.set_defaults(storage_func=_fsck)
+
+
+def _existing_store(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    if not args.store.is_dir():
+        raise _UsageError(f"--store {args.store} is not a directory")
+    return open_store(args.store, getattr(args, "keep", DEFAULT_KEEP))
+
+
+def _merge(args: argparse.Namespace) -> int:
+    try:
+        check_merge_args(args.lower, args.upper, args.into)
+    except StoreError as e:
+        raise _UsageError(str(e)) from e
+    stats = merge_into_new(args.lower, args.upper, args.into, args.workers)
+    print(f"merged {stats.files} entries, {stats.dirs} directories, "
+          f"{stats.whiteouts} whiteouts into {args.into}")
+    return 0
+
+
+def _commit(args: argparse.Namespace) -> int:
+    store = open_store(args.store, args.keep)  # the first commit may create the store
+    upper = args.upper or store.sync_path(args.key)
+    if not upper.is_dir():
+        raise _UsageError(f"upper {upper} is not a directory")
+    n, stats = store.commit(args.key, upper)
+    print(f"{args.key}: version {n} ({stats.files} entries, {stats.whiteouts} whiteouts merged)")
+    return 0
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from .sync import UpperSync
+
+    if not args.upper.is_dir():
+        raise _UsageError(f"--upper {args.upper} is not a directory")
+    store = open_store(args.store)
+    syncer = UpperSync(args.upper, store.sync_path(args.key), journal=args.watch)
+    if args.watch:  # stop cleanly on SIGTERM too, so the index is saved for a fast restart
+        signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        stats = syncer.sync()
+        print(f"synced {stats}", flush=True)
+        while args.watch:
+            time.sleep(args.interval)
+            stats = syncer.sync()
+            if stats.changed:
+                print(f"synced {stats}", flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        syncer.close()
+    return 0
+
+
+def _versions(args: argparse.Namespace) -> int:
+    store = _existing_store(args)
+    cur = store.current_version(args.key)
+    for n in store.versions(args.key):
+        print(f"{n}{' *' if n == cur else ''}")
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    store = _existing_store(args)
+    if args.n not in store.versions(args.key):
+        raise _UsageError(f"{args.key} has no version {args.n}")
+    m = store.restore(args.key, args.n)
+    print(f"{args.key}: version {m} restored from version {args.n}")
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    store = _existing_store(args)
+    for n in store.prune(args.key, args.keep):
+        print(f"{args.key}: deleted version {n}")
+    return 0
+
+
+def _fsck(args: argparse.Namespace) -> int:
+    store = _existing_store(args)
+    report = store.fsck(repair=args.repair, keys=args.key)
+    for p in report.problems:
+        print(f"{'repaired' if p in report.repaired else 'problem'}: {p}")
+    unrepaired = [p for p in report.problems if p not in report.repaired]
+    print(f"fsck: {len(report.problems)} problems, {len(report.repaired)} repaired")
+    return EXIT_FAILED if unrepaired else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the storage subcommand chosen in ``args``; returns the exit code."""
+    try:
+        return args.storage_func(args)
+    except _UsageError as e:
+        print(f"labvm storage: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except MergeRefused as e:
+        print(f"labvm storage: refused: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (StoreError, OSError) as e:
+        print(f"labvm storage: failed: {e}", file=sys.stderr)
+        return EXIT_FAILED

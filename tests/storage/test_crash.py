@@ -1,0 +1,189 @@
+"""Crash safety: SIGKILL at every step boundary of commit, publish, prune, restore,
+merge and sync (``LABVM_CRASH_AT=<point>``, the CLI run in a subprocess).
+
+After each crash the current version must be the old or the new one and complete;
+``fsck --repair`` then leaves a clean store, and running the operation again
+gives exactly the expected tree.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from labvm_spawner.storage.merge import merge_into_new
+from labvm_spawner.storage.store import open_store
+from labvm_spawner.storage.sync import UpperSync
+
+from . import treeops
+
+KEY = "alice.gpu"
+
+
+def labvm(*args: object, crash: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env.pop("LABVM_CRASH_AT", None)
+    if crash:
+        env["LABVM_CRASH_AT"] = crash
+    return subprocess.run([sys.executable, "-m", "labvm_spawner.cli", "storage",
+                           *map(str, args)], capture_output=True, text=True, env=env, timeout=120)
+
+
+def view(path: Path) -> tuple:
+    snap = treeops.snapshot(path)
+    return snap, treeops.snapshot_root(path), treeops.link_groups(path, snap)
+
+
+def make_upper(lower: Path, upper: Path, work: Path, ops: list[tuple]) -> None:
+    with treeops.overlay(lower, upper, work / "w", work / "m") as mnt:
+        for o in ops:
+            treeops.apply_op(mnt, o)
+    # a fresh workdir per mount
+    subprocess.run(["rm", "-rf", str(work)], check=True)
+
+
+OPS_A = [("mkdir", "a", 0o755), ("write", "a/f", b"one"), ("write", "b", b"two"),
+         ("link", "b", "a/b"), ("symlink", "../b", "a/c"), ("mkfifo", "c"),
+         ("setxattr", "b", "user.k1", b"v"), ("mkdir", "a/a", 0o700), ("write", "a/a/x", b"x"),
+         ("truncate", "a/a/big", 300_000), ("chown", "a/f", 1000, 1000)]
+OPS_B = [("write", "a/f", b"changed"), ("unlink", "c"), ("rmtree", "a/a"), ("mkdir", "a/a", 0o755),
+         ("write", "a/a/new", b"new"), ("mkdir", "n", 0o750), ("write", "n/z", b"z"),
+         ("chmod", "b", 0o600), ("unlink", "a/c")]
+
+
+def assert_clean(root: Path) -> None:
+    res = labvm("fsck", "--store", root)
+    assert res.returncode == 0 and "0 problems" in res.stdout, res.stdout + res.stderr
+    kdir = root / KEY
+    for sub in (".staging", ".trash"):
+        assert not any((kdir / sub).iterdir()) if (kdir / sub).exists() else True
+
+
+def current_view(root: Path) -> tuple | None:
+    store = open_store(root)
+    n = store.current_version(KEY)
+    if n is None:
+        return None
+    return view(store.version_path(KEY, n))
+
+
+@pytest.fixture
+def world(tmp_path: Path, overlay_ok: None) -> dict:
+    """A store with v1 (empty) and v2 (= upper A), and an upper B made over v2."""
+    root = tmp_path / "store"
+    store = open_store(root)
+    v1 = store.current_path(KEY)
+    make_upper(v1, tmp_path / "upperA", tmp_path / "wa", OPS_A)
+    store.commit(KEY, tmp_path / "upperA")
+    v2 = store.version_path(KEY, 2)
+    make_upper(v2, tmp_path / "upperB", tmp_path / "wb", OPS_B)
+    merge_into_new(v2, tmp_path / "upperB", tmp_path / "refB")
+    return {"root": root, "tmp": tmp_path, "old": view(v2), "new": view(tmp_path / "refB")}
+
+
+COMMIT_POINTS = ["commit.recovered", "commit.copied", "commit.merged", "publish.synced",
+                 "publish.renamed", "publish.link_created", "publish.swapped",
+                 "commit.published"]
+PRUNE_POINTS = ["delete.renamed", "delete.removed", "prune.one", "commit.pruned"]
+
+
+@pytest.mark.parametrize("point", COMMIT_POINTS + PRUNE_POINTS)
+def test_commit_crash(world: dict, point: str) -> None:
+    root, upper = world["root"], world["tmp"] / "upperB"
+    keep = 1 if point in PRUNE_POINTS else 5
+    res = labvm("commit", KEY, "--store", root, "--upper", upper, "--keep", keep, crash=point)
+    assert res.returncode == -9, f"crash point {point} not reached: {res.stderr}"
+    assert current_view(root) in (world["old"], world["new"])
+    fix = labvm("fsck", "--store", root, "--repair")
+    assert fix.returncode == 0, fix.stdout + fix.stderr
+    assert current_view(root) in (world["old"], world["new"])
+    assert_clean(root)
+    done = labvm("commit", KEY, "--store", root, "--upper", upper, "--keep", keep)
+    assert done.returncode == 0, done.stderr
+    assert current_view(root) == world["new"]
+    assert_clean(root)
+
+
+@pytest.mark.parametrize("point", ["restore.copied", "restore.published"])
+def test_restore_crash(world: dict, point: str) -> None:
+    root = world["root"]
+    assert labvm("commit", KEY, "--store", root, "--upper", world["tmp"] / "upperB").returncode == 0
+    res = labvm("restore", KEY, 2, "--store", root, crash=point)
+    assert res.returncode == -9
+    assert current_view(root) in (world["new"], world["old"])
+    # The next operation recovers by itself (no explicit fsck).
+    done = labvm("restore", KEY, 2, "--store", root)
+    assert done.returncode == 0, done.stderr
+    assert current_view(root) == world["old"]
+    assert open_store(root).versions(KEY)[-1] > 3  # a new version, history kept
+    assert_clean(root)
+
+
+def test_init_crash(tmp_path: Path, overlay_ok: None) -> None:
+    root, empty = tmp_path / "store", tmp_path / "empty"
+    empty.mkdir()
+    make_upper(empty, tmp_path / "upper", tmp_path / "w", OPS_A)
+    merge_into_new(empty, tmp_path / "upper", tmp_path / "ref")
+    res = labvm("commit", KEY, "--store", root, "--upper", tmp_path / "upper",
+                crash="init.staged")
+    assert res.returncode == -9
+    assert current_view(root) is None
+    done = labvm("commit", KEY, "--store", root, "--upper", tmp_path / "upper")
+    assert done.returncode == 0, done.stderr
+    assert current_view(root) == view(tmp_path / "ref")
+    assert open_store(root).versions(KEY) == [1, 2]
+    assert_clean(root)
+
+
+@pytest.mark.parametrize("point", ["merge.copied", "merge.applied"])
+def test_merge_crash(world: dict, point: str) -> None:
+    tmp = world["tmp"]
+    into = tmp / "out"
+    lower = open_store(world["root"]).version_path(KEY, 2)
+    res = labvm("merge", "--lower", lower, "--upper", tmp / "upperB", "--into", into, crash=point)
+    assert res.returncode == -9
+    assert not into.exists()
+    done = labvm("merge", "--lower", lower, "--upper", tmp / "upperB", "--into", into)
+    assert done.returncode == 0, done.stderr
+    assert view(into) == world["new"]
+    assert not list(tmp.glob(".out.labvm-merge-*"))
+
+
+SYNC_POINTS = ["sync.tmp_written", "sync.renamed", "sync.deleted", "sync.dir_created",
+               "sync.rescanned", "sync.done", "sync.index_written"]
+
+
+@pytest.mark.parametrize("point", SYNC_POINTS)
+def test_sync_crash(tmp_path: Path, overlay_ok: None, point: str) -> None:
+    root, lower, upper = tmp_path / "store", tmp_path / "lower", tmp_path / "upper"
+    lower.mkdir()
+    treeops.apply_op(lower, ("write", "l1", b"lower"))
+    treeops.apply_op(lower, ("mkdir", "ld", 0o755))
+    treeops.apply_op(lower, ("write", "ld/x", b"x"))
+    make_upper(lower, upper, tmp_path / "w1", OPS_A + [("unlink", "l1"), ("rmtree", "ld")])
+    store = open_store(root)
+    UpperSync(upper, store.sync_path(KEY), journal=False).sync()
+    make_upper(lower, upper, tmp_path / "w2", OPS_B)
+    res = labvm("sync", "--store", root, "--upper", upper, "--key", KEY, crash=point)
+    assert res.returncode == -9, f"crash point {point} not reached: {res.stderr}"
+    done = labvm("sync", "--store", root, "--upper", upper, "--key", KEY)
+    assert done.returncode == 0, done.stderr
+    mirror = store.sync_path(KEY)
+    assert treeops.snapshot(mirror) == treeops.snapshot(upper)
+    assert treeops.snapshot_root(mirror) == treeops.snapshot_root(upper)
+    assert labvm("fsck", "--store", root, "--repair").returncode == 0
+    assert_clean(root)
+    # and the synced copy merges like the upper
+    merge_into_new(lower, mirror, tmp_path / "m1")
+    merge_into_new(lower, upper, tmp_path / "m2")
+    assert view(tmp_path / "m1") == view(tmp_path / "m2")
+
+
+def test_enough_distinct_crash_points() -> None:
+    points = set(COMMIT_POINTS + PRUNE_POINTS + SYNC_POINTS) | {
+        "restore.copied", "restore.published", "init.staged", "merge.copied", "merge.applied"}
+    assert len(points) >= 20

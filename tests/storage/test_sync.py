@@ -1,0 +1,174 @@
+"""Sync of a live upper into the store, checked against the upper itself.
+
+Random operations run through a real overlay mount with syncs in between (journal
+and rescan modes); the copy must equal the upper (incl. trusted.overlay.* xattrs,
+whiteouts, opaque dirs) with the same hard link groups, except that whiteouts are
+never linked together, and merging the copy must give what merging the upper gives.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import uuid
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from labvm_spawner.storage.merge import merge_into_new
+from labvm_spawner.storage.sync import UpperSync
+
+from . import treeops
+
+EXAMPLES = int(os.environ.get("LABVM_SYNC_EXAMPLES", "150"))
+
+
+def _groups_without_whiteouts(root: Path, view: dict[str, tuple]) -> set[frozenset[str]]:
+    keep = {k: v for k, v in view.items() if not (v[0] == stat.S_IFCHR and v[6] == (0, 0))}
+    return treeops.link_groups(root, keep)
+
+
+def _check(upper: Path, mirror: Path) -> None:
+    want = treeops.snapshot(upper)
+    got = treeops.snapshot(mirror)
+    assert got == want, treeops.diff(want, got)
+    assert treeops.snapshot_root(mirror) == treeops.snapshot_root(upper)
+    assert treeops.link_groups(mirror, got) == _groups_without_whiteouts(upper, want)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(st.lists(treeops.build_op, max_size=10),
+       st.lists(st.lists(treeops.op, max_size=8), min_size=1, max_size=4),
+       st.booleans())
+def test_sync_matches_upper(build: list, batches: list, journal: bool) -> None:
+    base = Path("/tmp") / f"labvm-synctest-{uuid.uuid4().hex[:8]}"
+    lower, upper, mirror = base / "lower", base / "upper", base / "store" / "upper-sync"
+    lower.mkdir(parents=True)
+    mirror.parent.mkdir()
+    try:
+        for o in build:
+            treeops.apply_op(lower, o)
+        with treeops.overlay(lower, upper, base / "work", base / "merged") as mnt:
+            syncer = UpperSync(upper, mirror, journal=journal)
+            try:
+                syncer.sync()
+                for batch in batches:
+                    for o in batch:
+                        treeops.apply_op(mnt, o)
+                    syncer.sync()
+                    _check(upper, mirror)
+            finally:
+                syncer.close()
+        merge_into_new(lower, upper, base / "m1")
+        merge_into_new(lower, mirror, base / "m2")
+        assert treeops.snapshot(base / "m2") == treeops.snapshot(base / "m1")
+    finally:
+        shutil.rmtree(base)
+
+
+def test_whiteouts_do_not_become_one_link_group(tmp_path: Path, overlay_ok: None) -> None:
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    lower.mkdir()
+    for i in range(20):
+        (lower / f"f{i}").write_text("x")
+    with treeops.overlay(lower, upper, tmp_path / "work", tmp_path / "m") as mnt:
+        for i in range(20):
+            os.unlink(mnt / f"f{i}")
+        mirror = tmp_path / "store" / "upper-sync"
+        mirror.parent.mkdir()
+        syncer = UpperSync(upper, mirror)
+        syncer.sync()
+        syncer.close()
+    links = {os.lstat(upper / f"f{i}").st_nlink for i in range(20)}
+    assert links != {1}, "kernel no longer shares whiteout inodes; test premise gone"
+    for i in range(20):
+        s = os.lstat(mirror / f"f{i}")
+        assert stat.S_ISCHR(s.st_mode) and s.st_rdev == 0 and s.st_nlink == 1
+
+
+def test_restart_rescans_and_catches_up(tmp_path: Path, overlay_ok: None) -> None:
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    lower.mkdir()
+    (lower / "keep").write_text("k")
+    mirror = tmp_path / "store" / "upper-sync"
+    mirror.parent.mkdir()
+    with treeops.overlay(lower, upper, tmp_path / "work", tmp_path / "m") as mnt:
+        s1 = UpperSync(upper, mirror)
+        s1.sync()
+        (mnt / "a").write_text("1")
+        s1.sync()
+        s1.close()
+        # Changes while no syncer runs are found by the rescan of the next one.
+        (mnt / "a").write_text("2")
+        os.unlink(mnt / "keep")
+        s2 = UpperSync(upper, mirror)
+        stats = s2.sync()
+        assert stats.rescan
+        s2.close()
+    _check(upper, mirror)
+
+
+def test_journal_sees_metadata_only_changes(tmp_path: Path, overlay_ok: None) -> None:
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    (lower / "d").mkdir(parents=True)
+    mirror = tmp_path / "store" / "upper-sync"
+    mirror.parent.mkdir()
+    with treeops.overlay(lower, upper, tmp_path / "work", tmp_path / "m") as mnt:
+        (mnt / "f").write_text("1")
+        (mnt / "d" / "g").write_text("1")
+        syncer = UpperSync(upper, mirror)
+        assert syncer.sync().rescan
+        steps = [
+            lambda: os.chmod(mnt / "f", 0o600),
+            lambda: os.chown(mnt / "f", 1000, 1000),
+            lambda: os.setxattr(mnt / "f", "user.x", b"1"),
+            lambda: os.chmod(mnt / "d", 0o700),
+            lambda: os.setxattr(mnt / "d", "user.y", b"2"),
+            lambda: os.utime(mnt / "d" / "g", ns=(10**9, 10**9)),
+            lambda: os.rename(mnt / "f", mnt / "d" / "f2"),
+            lambda: os.unlink(mnt / "d" / "g"),
+        ]
+        for step in steps:
+            step()
+            stats = syncer.sync()
+            assert not stats.rescan and stats.changed >= 1
+            _check(upper, mirror)
+        syncer.close()
+
+
+def test_cli_watch_mode_follows_changes(tmp_path: Path, overlay_ok: None) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    lower, upper, root = tmp_path / "lower", tmp_path / "upper", tmp_path / "store"
+    lower.mkdir()
+    (lower / "old").write_text("o")
+    with treeops.overlay(lower, upper, tmp_path / "work", tmp_path / "m") as mnt:
+        proc = subprocess.Popen([sys.executable, "-m", "labvm_spawner.cli", "storage", "sync",
+                                 "--store", str(root), "--upper", str(upper), "--key", "carol",
+                                 "--watch", "--interval", "0.2"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            mirror = root / "carol" / "upper-sync"
+            deadline = time.monotonic() + 30
+            while not mirror.is_dir() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            (mnt / "new").write_text("n")
+            os.unlink(mnt / "old")
+            (mnt / "dir").mkdir()
+            (mnt / "dir" / "inner").write_text("i")
+            want = treeops.snapshot(upper)
+            while treeops.snapshot(mirror) != want and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert treeops.snapshot(mirror) == want
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "journal" in out
+    assert (root / "carol" / "upper-sync.index").is_file()
