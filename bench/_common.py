@@ -39,6 +39,23 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
+def alternate(round_no: int, runs: dict[str, Callable[[], object]],
+              times: dict[str, list[float]]) -> dict[str, float]:
+    """Time each of ``runs`` once, in an order that flips every round; record into ``times``.
+
+    Flipping the order spreads warm caches and background load evenly over us and the
+    competitor.
+    """
+    order = list(runs.items())
+    if round_no % 2:
+        order.reverse()
+    took = {}
+    for label, fn in order:
+        took[label] = timed(fn)
+        times.setdefault(label, []).append(took[label])
+    return took
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

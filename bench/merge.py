@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import env_int, file_names, make_files, median, moosefs_up, timed  # noqa: E402
+from _common import alternate, env_int, file_names, make_files, median, moosefs_up  # noqa: E402
 
 from labvm_spawner.storage.merge import merge_upper  # noqa: E402
 from labvm_spawner.storage.treecopy import copy_tree  # noqa: E402
@@ -47,7 +47,7 @@ def run_target(name: str, work: Path, lower_src: Path, upper: Path, runs: int) -
     lower = work / "lower"
     if not lower.exists():
         copy_tree(lower_src, lower)
-    ours, cps = [], []
+    times: dict[str, list[float]] = {}
     for i in range(runs):
         a, b = work / f"a{i}", work / f"b{i}"
         for d in (a, b):
@@ -62,15 +62,11 @@ def run_target(name: str, work: Path, lower_src: Path, upper: Path, runs: int) -
         def do_cp(b: Path = b) -> None:
             subprocess.run(["cp", "-a", f"{upper}/.", str(b)], check=True)
 
-        order = [("ours", do_ours), ("cp", do_cp)]
-        if i % 2:
-            order.reverse()
-        for label, fn in order:
-            t = timed(fn)
-            (ours if label == "ours" else cps).append(t)
+        for label, t in alternate(i, {"ours": do_ours, "cp": do_cp}, times).items():
             print(f"{name} run {i}: {label} {t:.2f}s", flush=True)
         shutil.rmtree(a)
         shutil.rmtree(b)
+    ours, cps = times["ours"], times["cp"]
     ratio = median(ours) / median(cps)
     print(f"{name}: ours median {median(ours):.2f}s, cp -a median {median(cps):.2f}s, "
           f"ratio {ratio:.2f}", flush=True)

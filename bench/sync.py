@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import env_int, file_names, make_files, median, timed  # noqa: E402
+from _common import alternate, env_int, file_names, make_files, median, timed  # noqa: E402
 
 from labvm_spawner.storage.sync import UpperSync  # noqa: E402
 
@@ -66,7 +66,7 @@ def main() -> int:
     t_rfirst = timed(lambda: subprocess.run(rsync, check=True))
     print(f"initial full copy: ours {t_first:.2f}s, rsync {t_rfirst:.2f}s", flush=True)
     rnd = random.Random(1)
-    ours, theirs = [], []
+    times: dict[str, list[float]] = {}
     for r in range(runs):
         change(upper, names, live, n_changes, rnd, r)
 
@@ -77,18 +77,14 @@ def main() -> int:
         def do_rsync() -> None:
             subprocess.run(rsync, check=True)
 
-        order = [("ours", do_ours), ("rsync", do_rsync)]
-        if r % 2:
-            order.reverse()
-        for label, fn in order:
-            t = timed(fn)
-            (ours if label == "ours" else theirs).append(t)
+        for label, t in alternate(r, {"ours": do_ours, "rsync": do_rsync}, times).items():
             print(f"run {r}: {label} {t * 1000:.1f} ms", flush=True)
     syncer.close()
     # Both copies must now equal the upper.
     diff = subprocess.run(["diff", "-r", "--no-dereference", str(upper), str(ours_dir)],
                           capture_output=True, text=True)
     assert diff.returncode == 0, diff.stdout[:2000]
+    ours, theirs = times["ours"], times["rsync"]
     speedup = median(theirs) / median(ours)
     print(f"ours median {median(ours) * 1000:.1f} ms, rsync median {median(theirs) * 1000:.1f} ms")
     shutil.rmtree(base, ignore_errors=True)
