@@ -7,6 +7,7 @@ repair), 2 bad arguments (nothing was touched).
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -20,6 +21,11 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
+# Where the one-node default keeps its state (LabVMSpawner.state_dir) and its store.
+DEFAULT_STATE = "/var/lib/labvm"
+DEFAULT_STORE = f"{DEFAULT_STATE}/store"
+
+
 class _UsageError(StoreError):
     pass
 
@@ -28,7 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     """Add the storage subcommands to ``subparsers``."""
 
     def store_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--store", required=True, type=Path, help="store root (local or MooseFS)")
+        default = Path(os.environ.get("LABVM_STORE", DEFAULT_STORE))
+        p.add_argument("--store", type=Path, default=default,
+                       help="store root, local or MooseFS (default: $LABVM_STORE or the "
+                       f"one-node default {DEFAULT_STORE})")
 
     p = subparsers.add_parser("merge", help="write lower+upper, as the overlay shows it, into a "
                               "new directory")
@@ -48,7 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
     p = subparsers.add_parser("sync", help="copy a live upper's changes into the store")
     store_args(p)
-    p.add_argument("--upper", required=True, type=Path)
+    p.add_argument("--upper", type=Path, default=None,
+                   help=f"the live upper (default: {DEFAULT_STATE}/uppers/KEY/upper)")
     p.add_argument("--key", required=True)
     p.add_argument("--watch", action="store_true",
                    help="keep running: journal changes with inotify, sync every --interval")
@@ -114,6 +124,9 @@ def _interrupt(_signum: int, _frame: object) -> None:
 def _sync(args: argparse.Namespace) -> int:
     from .sync import UpperSync
 
+    if args.upper is None:
+        state = Path(os.environ.get("LABVM_STATE_DIR", DEFAULT_STATE))
+        args.upper = state / "uppers" / args.key / "upper"
     if not args.upper.is_dir():
         raise _UsageError(f"--upper {args.upper} is not a directory")
     store = open_store(args.store)
