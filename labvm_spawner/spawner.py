@@ -495,9 +495,9 @@ class LabVMSpawner(Spawner):
             if c is not None:
                 status = int(c.attrs.get("State", {}).get("ExitCode", 0)) or 0
         # The hub calls stop() only for servers that poll as running, so a server that
-        # died on its own is cleaned up here: no container, mount or GPU left held.
-        if self.root_key:
-            await self._release_all(self.root_key)
+        # died on its own is cleaned up here: no container, mount or GPU left held. That
+        # includes a start cut short by a hub crash, before its state was saved.
+        await self._release_all(self.root_key or root_key(self.user.name, self.name))
         return status
 
     async def stop(self, now=False):

@@ -94,3 +94,26 @@ def test_model_choice_on_a_mixed_node(hub_factory, docker_client):
     hub.spawn("hana", {"gpus": 2, "gpu_model": "NVIDIA RTX A6000"})
     # NVML index 4 and 5 are the first two A6000s; their device minors are 0 and 1.
     assert nvidia_nodes(container_of(docker_client, "hana")) == {"nvidia0", "nvidia1"} | CONTROL
+
+
+def test_hub_killed_mid_start_leaks_nothing(hub, docker_client):
+    """kill -9 of the hub right after it allocated GPUs: after a restart nothing is held."""
+    hub.create_user("bob")
+    hub.create_user("carol")
+    r = hub.api("POST", "/users/bob/server", json={"gpus": 8})
+    assert r.status_code == 202, r.text
+    with hub.api("GET", "/users/bob/server/progress", stream=True) as stream:
+        for line in stream.iter_lines(decode_unicode=True):
+            if "Allocated GPU" in line:
+                break
+    hub.stop(kill=True)
+    hub.start()
+    # The restarted hub finds bob's start unfinished and cleans up after it.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (
+            hub.api("GET", "/users/bob").json()["servers"] or container_of(docker_client, "bob")
+            or mounts_under(state_dir(hub) / "mnt")):
+        time.sleep(0.5)
+    assert container_of(docker_client, "bob") is None
+    assert mounts_under(state_dir(hub) / "mnt") == []
+    hub.spawn("carol", {"gpus": 8})
