@@ -37,7 +37,7 @@ import docker  # noqa: E402
 from desktop_helpers import connect_chain, connect_direct, wait_for, x_run  # noqa: E402
 from desktop_rfb import RfbClient, Stats  # noqa: E402
 from helpers import container_of, sh  # noqa: E402
-from hubharness import Hub  # noqa: E402
+from hubharness import Hub, node_hub  # noqa: E402
 
 from labvm_spawner import images  # noqa: E402
 from labvm_spawner.overlay import mount_points  # noqa: E402
@@ -63,11 +63,7 @@ def main() -> int:
     image = images.build_all(client)
     node = f"bench-{uuid.uuid4().hex[:8]}"
     base = ROOT / node
-    state = base / "state"
-    state.mkdir(parents=True)
-    hub = Hub(base / "hub", state, Path("/dev"), port=PORT, env={
-        "LABVM_TEST_NODE": node, "LABVM_TEST_ROOTFS": str(ROOT / "rootfs"),
-        "LABVM_TEST_IMAGE": image})
+    hub = node_hub(base, node, image, ROOT / "rootfs", port=PORT)
     try:
         hub.start()
         hub.create_user(USER)

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 import docker  # noqa: E402
-from hubharness import Hub  # noqa: E402
+from hubharness import Hub, node_hub  # noqa: E402
 
 from labvm_spawner import images  # noqa: E402
 from labvm_spawner.overlay import mount_points  # noqa: E402
@@ -49,12 +49,8 @@ def main() -> int:
     base = ROOT / node
     hubs = {}
     for i, kind in enumerate(("labvm", "docker")):
-        state = base / kind / "state"
-        state.mkdir(parents=True)
-        hub = Hub(base / kind / "hub", state, Path("/dev"), port=19000 + 10 * i,
-                  config=REPO / "bench" / "hub_config.py",
-                  env={"BENCH_SPAWNER": kind, "LABVM_TEST_NODE": node,
-                       "LABVM_TEST_ROOTFS": str(ROOT / "rootfs"), "LABVM_TEST_IMAGE": image})
+        hub = node_hub(base / kind, node, image, ROOT / "rootfs", port=19000 + 10 * i,
+                       config=REPO / "bench" / "hub_config.py", env={"BENCH_SPAWNER": kind})
         hub.poll_interval = 0.05
         hubs[kind] = hub
     times: dict[tuple[str, str], list[float]] = {}

@@ -91,22 +91,15 @@ def fake_gpu_dev():
 @pytest.fixture
 def hub_factory(docker_client, labvm_image, chp, fake_gpu_dev):
     """Make hubs on a fresh node state; everything they made is removed afterwards."""
-    from hubharness import Hub
+    from hubharness import node_hub
 
-    made: list[tuple[Hub, Path, str]] = []
+    made: list[tuple] = []
 
-    def make(port: int = 18000, env: dict[str, str] | None = None) -> Hub:
+    def make(port: int = 18000, env: dict[str, str] | None = None):
         node = f"test-{uuid.uuid4().hex[:8]}"
         base = TEST_ROOT / node
-        state = base / "state"
-        state.mkdir(parents=True)
-        hub = Hub(base / "hub", state, fake_gpu_dev, port=port, env={
-            "LABVM_TEST_ROOTFS": str(TEST_ROOT / "rootfs"),
-            "LABVM_TEST_NODE": node,
-            # The exact image this checkout built, not the shared "latest" tag.
-            "LABVM_TEST_IMAGE": labvm_image,
-            **(env or {}),
-        })
+        # The exact image this checkout built, not the shared "latest" tag.
+        hub = node_hub(base, node, labvm_image, TEST_ROOT / "rootfs", port, env=env)
         made.append((hub, base, node))
         hub.start()
         return hub

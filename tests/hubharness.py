@@ -193,6 +193,24 @@ class Hub:
                             timeout=30)
 
 
+def node_hub(base: Path, node: str, image: str, rootfs: Path, port: int,
+             config: Path = REPO / "tests" / "hub_config.py",
+             env: dict[str, str] | None = None) -> Hub:
+    """A hub (not started) for a fresh node whose state lives under ``base``.
+
+    ``node`` names the node in LabVM's records and containers; ``image`` is the exact
+    image tag to run, and ``rootfs`` where its unpacked layer is shared between nodes.
+    """
+    state = base / "state"
+    state.mkdir(parents=True)
+    return Hub(base / "hub", state, Path("/dev"), port=port, config=config, env={
+        "LABVM_TEST_NODE": node,
+        "LABVM_TEST_ROOTFS": str(rootfs),
+        "LABVM_TEST_IMAGE": image,
+        **(env or {}),
+    })
+
+
 def _message(r: requests.Response) -> str:
     try:
         return r.json().get("message", r.text)
