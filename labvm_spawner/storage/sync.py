@@ -17,8 +17,8 @@ leaves every path old or new; the next (rescan) sync and ``fsck`` clean up.
 
 from __future__ import annotations
 
+import json
 import os
-import pickle
 import secrets
 import stat
 import threading
@@ -78,17 +78,26 @@ class UpperSync:
 
     # ---- index -----------------------------------------------------------------
     def _load_index(self) -> Index:
+        # Plain JSON, never pickle: on a store shared by nodes, loading a pickle would
+        # let whoever can write the store run code on every node that syncs.
         try:
-            with open(self.index_file, "rb") as f:
-                data = pickle.load(f)
-            return data if isinstance(data, dict) else {}
-        except (OSError, pickle.UnpicklingError, EOFError, ValueError):
+            with open(self.index_file, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError):
             return {}
+        if not isinstance(data, dict):
+            return {}
+        index: Index = {}
+        for path, entry in data.items():
+            if (isinstance(path, str) and isinstance(entry, list) and len(entry) == 2
+                    and all(isinstance(x, int) for x in entry)):
+                index[path] = (entry[0], entry[1])
+        return index
 
     def save_index(self) -> None:
         tmp = f"{self.index_file}.{secrets.token_hex(4)}.tmp"
-        with open(tmp, "wb") as f:
-            pickle.dump(self.index, f, protocol=pickle.HIGHEST_PROTOCOL)
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.index, f, separators=(",", ":"))
         crashpoint("sync.index_written")
         os.replace(tmp, self.index_file)
 
