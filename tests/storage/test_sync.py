@@ -101,6 +101,10 @@ def test_restart_rescans_and_catches_up(tmp_path: Path, overlay_ok: None) -> Non
         (mnt / "a").write_text("1")
         s1.sync()
         s1.close()
+        # The next syncer starts from the index the last one saved.
+        s2 = UpperSync(upper, mirror)
+        assert s2.index == s1.index and "a" in s2.index
+        s2.close()
         # Changes while no syncer runs are found by the rescan of the next one.
         (mnt / "a").write_text("2")
         os.unlink(mnt / "keep")
