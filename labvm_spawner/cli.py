@@ -15,6 +15,20 @@ def _image_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_prune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import docker
+
+    from . import images
+
+    client = docker.from_env()
+    keep = {images.image_id(client, name) for name in args.keep}
+    for tree in images.prune_rootfs(Path(args.state_dir) / "rootfs", keep):
+        print(f"removed {tree}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labvm", description="LabVM administration")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -23,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     image_sub = image.add_subparsers(dest="image_command", required=True)
     build = image_sub.add_parser("build", help="build the base and user images (cached by content)")
     build.set_defaults(func=_image_build)
+    prune = image_sub.add_parser(
+        "prune", help="delete unpacked image layers that no root uses and no kept image needs")
+    prune.add_argument("--state-dir", default="/var/lib/labvm",
+                       help="the node's LabVMSpawner.state_dir (default: %(default)s)")
+    prune.add_argument("--keep", action="append", default=["labvm/user:latest"],
+                       help="image whose layer stays (repeatable; default: labvm/user:latest)")
+    prune.set_defaults(func=_image_prune)
 
     from .monitor import cli as monitor_cli
     from .storage import cli as storage_cli

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 import docker
@@ -184,6 +185,44 @@ def prepare_rootfs(client: docker.DockerClient, image: str, cache_dir: Path,
     finally:
         container.remove(force=True)
     return final
+
+
+def layers_in_use() -> set[str]:
+    """Directories that some overlay mount on this host uses as a lower layer."""
+    used: set[str] = set()
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            _, _, rest = line.partition(" - ")
+            fstype, _, opts = (rest.split(" ", 2) + ["", ""])[:3]
+            if fstype != "overlay":
+                continue
+            for opt in opts.strip().split(","):
+                if opt.startswith("lowerdir="):
+                    used.update(opt[len("lowerdir="):].split(":"))
+    return used
+
+
+def prune_rootfs(cache_dir: Path, keep_ids: set[str], partial_age_s: float = 3600) -> list[Path]:
+    """Delete unpacked image layers that no mount uses and whose image is not kept.
+
+    A tree is named ``<image id prefix>-<shift>``; ``keep_ids`` are full image ids (the
+    images servers start from). Leftovers of an interrupted unpack (``.partial-*``) go
+    once they are older than ``partial_age_s``, so an unpack in progress is never hit.
+    """
+    if not cache_dir.is_dir():
+        return []
+    in_use = layers_in_use()
+    now = time.time()
+    removed = []
+    for tree in sorted(cache_dir.iterdir()):
+        if tree.name.startswith(".partial-"):
+            if now - tree.stat().st_mtime < partial_age_s:
+                continue
+        elif str(tree) in in_use or any(i.startswith(tree.name.split("-")[0]) for i in keep_ids):
+            continue
+        shutil.rmtree(tree)
+        removed.append(tree)
+    return removed
 
 
 class _ChunkReader:
