@@ -2,9 +2,13 @@ import os
 import stat
 
 import pytest
+from conftest import require
 from fake_devices import make_fake_dev
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mknod of char devices needs root")
+
+@pytest.fixture(autouse=True)
+def _root():
+    require(os.geteuid() == 0, "root (mknod of char devices)")
 
 
 def _dev(path):
