@@ -312,7 +312,7 @@ class LabVMSpawner(Spawner):
         inventory = await asyncio.to_thread(nvml.read_inventory)
         key, limits, count, model, sharing = self._checked_request(inventory)
         self.root_key = key
-        await asyncio.to_thread(require_userns, self.client)
+        engine = await asyncio.to_thread(require_userns, self.client)
         shift = remap_base(self.userns_remap_user)
         paths = overlay.RootPaths.for_key(self.state_path, key)
 
@@ -339,12 +339,17 @@ class LabVMSpawner(Spawner):
             await asyncio.to_thread(overlay.mount_root, paths, [user_layer, image_layer], shift)
             undo.append(lambda: overlay.unmount_root(paths))
 
-            secrets_dir = await asyncio.to_thread(self._write_secrets, key, shift)
+            # One environment, split: tokens go to the tmpfs file, the rest to Docker.
+            self.ip = "0.0.0.0"
+            self.port = containerspec.SERVER_PORT
+            env = self.get_env()
+            secrets = {k: env.pop(k) for k in list(env) if _is_secret(k)}
+            secrets_dir = await asyncio.to_thread(self._write_secrets, key, shift, secrets)
             undo.append(lambda: shutil.rmtree(secrets_dir, ignore_errors=True))
 
             self._emit(70, "Starting container")
             spec = await asyncio.to_thread(
-                self._server_spec, key, paths, limits, gpus, secrets_dir
+                self._server_spec, key, paths, limits, gpus, secrets_dir, env, engine
             )
             container = await asyncio.to_thread(self._create_and_start, spec)
             undo.append(lambda: self._remove_container(container.id))
@@ -363,13 +368,8 @@ class LabVMSpawner(Spawner):
             self.container_id = ""
             raise
 
-    def _server_spec(self, key, paths, limits, gpus, secrets_dir) -> containerspec.ServerSpec:
-        self.ip = "0.0.0.0"
-        self.port = containerspec.SERVER_PORT
-        env = self.get_env()
-        secret_keys = [k for k in env if _is_secret(k)]
-        for k in secret_keys:
-            env.pop(k)
+    def _server_spec(self, key, paths, limits, gpus, secrets_dir, env: dict[str, str],
+                     engine: dict) -> containerspec.ServerSpec:
         if (self.docker_url, self.network_name) not in _networks:
             _networks[(self.docker_url, self.network_name)] = ensure_network(
                 self.client, self.network_name
@@ -386,7 +386,7 @@ class LabVMSpawner(Spawner):
             limits=limits,
             gpus=gpus,
             device_paths=nvml.device_paths(gpus, self.dev_root) if gpus else [],
-            nvidia_runtime=self._use_nvidia_runtime(),
+            nvidia_runtime=self._use_nvidia_runtime(engine),
             network=self.network_name,
             secrets_dir=secrets_dir,
             io_device=_block_device(paths.upper),
@@ -396,19 +396,18 @@ class LabVMSpawner(Spawner):
             labels={"labvm.node": self.node_name, "labvm.server": self.name or ""},
         )
 
-    def _use_nvidia_runtime(self) -> bool:
+    def _use_nvidia_runtime(self, engine: dict) -> bool:
         if self.nvidia_runtime != "auto":
             return self.nvidia_runtime == "on"
-        return "nvidia" in (self.client.info().get("Runtimes") or {})
+        return "nvidia" in (engine.get("Runtimes") or {})
 
-    def _write_secrets(self, key: str, owner: int) -> Path:
+    def _write_secrets(self, key: str, owner: int, secrets: dict[str, str]) -> Path:
         root = Path(self.secrets_root)
         _ensure_tmpfs(root)
         d = root / key
         d.mkdir(mode=0o500, exist_ok=True)
         env_file = d / "env"
-        env = self.get_env()
-        body = "".join(f"{k}={_shell_quote(v)}\n" for k, v in env.items() if _is_secret(k))
+        body = "".join(f"{k}={_shell_quote(v)}\n" for k, v in secrets.items())
         fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o400)
         with os.fdopen(fd, "w") as f:
             f.write(body)

@@ -23,10 +23,12 @@ def remap_base(user: str = "dockremap", subuid: Path = Path("/etc/subuid")) -> i
                      "running with userns-remap?")
 
 
-def require_userns(client: docker.DockerClient) -> None:
-    """Refuse to run containers when their root would be host root."""
-    opts = client.info().get("SecurityOptions") or []
+def require_userns(client: docker.DockerClient) -> dict:
+    """Refuse to run containers when their root would be host root; returns dockerd's info."""
+    info = client.info()
+    opts = info.get("SecurityOptions") or []
     if not any("name=userns" in o for o in opts):
         raise LabVMError("dockerd runs without userns-remap, so a container's root would be "
                          "host root; LabVM refuses to start containers until dockerd runs "
                          "with \"userns-remap\" (see scripts/setup.sh)")
+    return info
