@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     monitor = sub.add_parser("monitor", help="the monitoring service and one-off samples")
     monitor_cli.register(monitor.add_subparsers(dest="monitor_command", required=True))
     monitor.set_defaults(func=monitor_cli.run)
+
+    from . import migrate_cli
+
+    migrate = sub.add_parser(
+        "migrate", help="move a user's server (and its root) to another node",
+        description=migrate_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    migrate_cli.register(migrate)
     return parser
 
 

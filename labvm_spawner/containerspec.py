@@ -59,6 +59,9 @@ class ServerSpec:
     labels: dict[str, str] = field(default_factory=dict)
     # A static init (tini) from the host, so a user cannot break PID 1 by editing /usr.
     init_path: str | None = None
+    # Publish Jupyter's port on this node address (a remote node: the hub cannot reach
+    # the node's container bridge); None leaves it on the bridge only.
+    publish_ip: str | None = None
 
 
 def gpu_env(gpus: list[Gpu]) -> dict[str, str]:
@@ -112,6 +115,8 @@ def build(spec: ServerSpec) -> dict:
         "memswap_limit": limits.mem_bytes,
         "pids_limit": limits.pids,
     }
+    if spec.publish_ip:
+        kwargs["ports"] = {f"{SERVER_PORT}/tcp": (spec.publish_ip, None)}
     if limits.blkio_weight:
         kwargs["blkio_weight"] = limits.blkio_weight
     if spec.io_device and limits.io_read_bps:

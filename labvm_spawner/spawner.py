@@ -8,16 +8,13 @@ bookkeeping by ``allocations``.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import shutil
-import subprocess
+from dataclasses import asdict
 from pathlib import Path
 
-import docker
-import docker.errors
 from jupyterhub.spawner import Spawner
 from tornado import web
+from tornado.ioloop import PeriodicCallback
 from traitlets import (
     Bool,
     CaselessStrEnum,
@@ -31,20 +28,17 @@ from traitlets import (
     validate,
 )
 
-from . import containerspec, form, nvml, overlay
-from .allocations import GpuAllocator
+from . import containerspec, form
+from .cluster import Cluster, NodeView
 from .errors import LabVMError
-from .images import prepare_rootfs
 from .names import root_key
-from .network import ensure_network
+from .node.client import NodeUnreachable
+from .node.ops import NodeConfig, NodeOps, StartRequest
+from .placement import choose_node
 from .policy import resolve_policy, validate_config
-from .storage import open_store
-from .userns import remap_base, require_userns
 
-# One Docker client and one allocator per process, shared by all spawners.
-_clients: dict[str, docker.DockerClient] = {}
-_networks: dict[tuple[str, str], str] = {}
-_allocators: dict[tuple[str, str, bool], GpuAllocator] = {}
+# One cluster view (and in-process node) per process, shared by all spawners.
+_clusters: dict[tuple, Cluster] = {}
 
 
 class LabVMSpawner(Spawner):
@@ -160,6 +154,37 @@ class LabVMSpawner(Spawner):
         "token is written to disk in the container's stored configuration.",
     ).tag(config=True)
 
+    local_node = Bool(
+        True,
+        help="Run a node inside the hub process (named node_name, using this host's Docker, "
+        "disks and GPUs). Turn it off when every node runs its own labvm-node agent.",
+    ).tag(config=True)
+
+    registry_dir = Unicode(
+        "",
+        help="Shared directory (on the layer store's MooseFS) where labvm-node agents write "
+        "their heartbeat records. Empty: no remote nodes.",
+    ).tag(config=True)
+
+    node_key_file = Unicode(
+        "",
+        help="Root-only file with the hub's node key; each node's token is derived from it "
+        "(labvm node key / labvm node token-hash).",
+    ).tag(config=True)
+
+    sync_interval = Float(
+        10.0,
+        help="Seconds between background syncs of each running server's upper to the layer "
+        "store (the in-process node; agents take --sync-interval). A node's loss loses at "
+        "most this window.",
+    ).tag(config=True)
+
+    @validate("sync_interval")
+    def _valid_sync_interval(self, proposal):
+        if proposal["value"] <= 0:
+            raise TraitError("sync_interval must be positive")
+        return proposal["value"]
+
     @default("options_form")
     def _options_form_default(self):
         return self._render_options_form
@@ -178,48 +203,40 @@ class LabVMSpawner(Spawner):
         validate_config(self.policy, self.group_policy, self.admin_policy, self.user_policy)
         self.container_id = ""
         self.root_key = ""
+        self.node = ""
         self._events: list[dict] = []
         self._starting = False
 
     # ---- helpers -----------------------------------------------------------
 
-    @property
-    def client(self) -> docker.DockerClient:
-        url = self.docker_url
-        if url not in _clients:
-            _clients[url] = docker.DockerClient(base_url=url) if url else docker.from_env()
-        return _clients[url]
-
-    @property
-    def state_path(self) -> Path:
-        return Path(self.state_dir)
-
-    @property
-    def allocator(self) -> GpuAllocator:
-        url = self.db_url or f"sqlite:///{self.state_path / 'labvm.sqlite'}"
-        cache_key = (url, self.node_name, self.gpu_sharing)
-        if cache_key not in _allocators:
-            self.state_path.mkdir(parents=True, exist_ok=True)
-            alloc = GpuAllocator(url, node=self.node_name, sharing=self.gpu_sharing)
-            # First use in this process (the hub has just started): free what no running
-            # container holds, so a crash mid-allocation leaks nothing.
-            released = alloc.reconcile(self._live_keys())
-            for owner, uuids in released.items():
-                self.log.warning("Released %d GPU(s) of %s: no running container", len(uuids),
-                                 owner)
-            _allocators[cache_key] = alloc
-        return _allocators[cache_key]
-
-    def _live_keys(self) -> set[str]:
-        running = self.client.containers.list(
-            filters={"label": ["labvm.key", f"labvm.node={self.node_name}"]}
+    def node_config(self) -> NodeConfig:
+        """This hub's own node, when it runs one (``local_node``)."""
+        return NodeConfig(
+            name=self.node_name, docker_url=self.docker_url, state_dir=self.state_dir,
+            store_root=self.store_root, image_layer_dir=self.image_layer_dir,
+            db_url=self.db_url, network_name=self.network_name, dev_root=self.dev_root,
+            nvidia_runtime=self.nvidia_runtime, gpu_sharing=self.gpu_sharing,
+            userns_remap_user=self.userns_remap_user, container_uid=self.container_uid,
+            stop_timeout=self.stop_timeout, capabilities=list(self.capabilities),
+            secrets_root=self.secrets_root, sync_interval_s=self.sync_interval,
         )
-        return {c.labels["labvm.key"] for c in running}
 
     @property
-    def container_name(self) -> str:
-        # The node is part of the name: engines may be shared (tests, a node's agents).
-        return f"labvm-{self.node_name}-{self.root_key or root_key(self.user.name, self.name)}"
+    def cluster(self) -> Cluster:
+        db = self.db_url or f"sqlite:///{Path(self.state_dir) / 'labvm.sqlite'}"
+        cache_key = (db, self.registry_dir, self.local_node, self.node_name)
+        if cache_key not in _clusters:
+            local = NodeOps(self.node_config()) if self.local_node else None
+            cluster = Cluster(db, self.registry_dir, self.node_key_file, local)
+            cluster.fail_interrupted()
+            if local is not None:
+                _start_background_sync(local, self.log)
+            _clusters[cache_key] = cluster
+        return _clusters[cache_key]
+
+    @property
+    def key(self) -> str:
+        return self.root_key or root_key(self.user.name, self.name)
 
     def _resolve_policy(self):
         groups = [g.name for g in getattr(self.user, "groups", [])]
@@ -228,25 +245,35 @@ class LabVMSpawner(Spawner):
             self.group_policy, self.admin_policy, self.user_policy,
         )
 
-    def _gpu_counts(self, sharing: bool) -> tuple[dict[str, int], dict[str, int]]:
-        """Free and total GPUs per model on this node, as this server would see them."""
-        inventory = nvml.read_inventory()
-        own = self.root_key or root_key(self.user.name, self.name)
-        busy = {
-            r.uuid for r in self.allocator.records()
-            if r.owner != own and (r.exclusive or not sharing)
-        }
+    async def _nodes(self) -> dict[str, NodeView]:
+        return await self.cluster.nodes()
+
+    def _gpu_counts(self, nodes: dict[str, NodeView], sharing: bool
+                    ) -> tuple[dict[str, int], dict[str, int]]:
+        """Free GPUs per model on the node this server would use, and all per model."""
+        key = self.key
+        home = self.cluster.placement(key) or self.cluster.pin(self.user.name)
         free: dict[str, int] = {}
         total: dict[str, int] = {}
-        for g in inventory:
-            total[g.name] = total.get(g.name, 0) + 1
-            if g.uuid not in busy:
-                free[g.name] = free.get(g.name, 0) + 1
+        for node in nodes.values():
+            if not node.up:
+                continue
+            here: dict[str, int] = {}
+            for g in node.info.get("gpus", []):
+                total[g["name"]] = total.get(g["name"], 0) + 1
+                if sharing or g.get("holder") in (None, key):
+                    here[g["name"]] = here.get(g["name"], 0) + 1
+            if home is None and node.drained:
+                continue
+            if home is None or home == node.name:
+                for model, n in here.items():
+                    free[model] = max(free.get(model, 0), n)
         return free, total
 
-    def _render_options_form(self, spawner=None) -> str:
+    async def _render_options_form(self, spawner=None) -> str:
         limits, gpu_policy = self._resolve_policy()
-        free, total = self._gpu_counts(self._sharing(gpu_policy))
+        nodes = await self._nodes()
+        free, total = self._gpu_counts(nodes, self._sharing(gpu_policy))
         return form.render_form(limits, gpu_policy, free, total)
 
     def options_from_form(self, formdata):
@@ -255,13 +282,11 @@ class LabVMSpawner(Spawner):
     def _sharing(self, gpu_policy) -> bool:
         return self.gpu_sharing or gpu_policy.sharing
 
-    def _checked_request(self, inventory: list[nvml.Gpu]):
+    def _checked_request(self, models: list[str]):
         """Key, limits and GPU request of this start; refusals raise LabVMError."""
         key = root_key(self.user.name, self.name)
         limits, gpu_policy = self._resolve_policy()
-        count, model = form.validate_options(
-            dict(self.user_options or {}), gpu_policy, sorted({g.name for g in inventory})
-        )
+        count, model = form.validate_options(dict(self.user_options or {}), gpu_policy, models)
         return key, limits, count, model, self._sharing(gpu_policy)
 
     def _emit(self, progress: int, message: str) -> None:
@@ -276,12 +301,15 @@ class LabVMSpawner(Spawner):
             state["container_id"] = self.container_id
         if self.root_key:
             state["root_key"] = self.root_key
+        if self.node:
+            state["node"] = self.node
         return state
 
     def load_state(self, state):
         super().load_state(state)
         self.container_id = state.get("container_id", "")
         self.root_key = state.get("root_key", "")
+        self.node = state.get("node", "")
 
     def clear_state(self):
         super().clear_state()
@@ -309,215 +337,92 @@ class LabVMSpawner(Spawner):
 
     async def _start(self):
         # Everything that can be refused is checked before anything is created.
-        inventory = await asyncio.to_thread(nvml.read_inventory)
-        key, limits, count, model, sharing = self._checked_request(inventory)
+        nodes = await self._nodes()
+        models = sorted({g["name"] for n in nodes.values() if n.up
+                         for g in n.info.get("gpus", [])})
+        key, limits, count, model, sharing = self._checked_request(models)
         self.root_key = key
-        engine = await asyncio.to_thread(require_userns, self.client)
-        shift = remap_base(self.userns_remap_user)
-        paths = overlay.RootPaths.for_key(self.state_path, key)
+        cluster = self.cluster
+        placed = cluster.placement(key)
+        node_name = choose_node(nodes, key, count, model, limits, sharing, placed=placed,
+                                pinned=cluster.pin(self.user.name))
+        moving = cluster.active_migration(key)
+        if moving and moving["target"] == node_name:
+            self._emit(5, f"Moving your server from node {moving['source']} to node "
+                       f"{node_name} (started by {moving['by']})")
+        elif len(nodes) > 1:
+            self._emit(5, f"Starting on node {node_name}")
+        if placed is None:
+            cluster.set_placement(key, node_name)
+        node = cluster.client(node_name)
 
-        undo: list = []
-        try:
-            self._emit(10, f"Allocating GPUs ({count} requested)")
-            gpus = await asyncio.to_thread(
-                self.allocator.allocate, key, inventory, count, model, sharing
-            )
-            undo.append(lambda: self.allocator.release(key))
-            if gpus:
-                self._emit(20, "Allocated GPU(s) " + ", ".join(str(g.index) for g in gpus))
-
-            self._emit(30, "Preparing the image layer")
-            image_layer = await asyncio.to_thread(
-                prepare_rootfs, self.client, self.image,
-                Path(self.image_layer_dir or self.state_path / "rootfs"), shift
-            )
-            store = open_store(self.store_root or self.state_path / "store")
-            user_layer = await asyncio.to_thread(store.current_path, key)
-
-            self._emit(50, "Mounting root filesystem")
-            await asyncio.to_thread(self._remove_container, self.container_name)
-            await asyncio.to_thread(overlay.mount_root, paths, [user_layer, image_layer], shift)
-            undo.append(lambda: overlay.unmount_root(paths))
-
-            # One environment, split: tokens go to the tmpfs file, the rest to Docker.
-            self.ip = "0.0.0.0"
-            self.port = containerspec.SERVER_PORT
-            env = self.get_env()
-            secrets = {k: env.pop(k) for k in list(env) if _is_secret(k)}
-            secrets_dir = await asyncio.to_thread(self._write_secrets, key, shift, secrets)
-            undo.append(lambda: shutil.rmtree(secrets_dir, ignore_errors=True))
-
-            self._emit(70, "Starting container")
-            spec = await asyncio.to_thread(
-                self._server_spec, key, paths, limits, gpus, secrets_dir, env, engine
-            )
-            container = await asyncio.to_thread(self._create_and_start, spec)
-            undo.append(lambda: self._remove_container(container.id))
-            self.container_id = container.id
-            ip = await self._container_ip(container)
-            self._emit(80, "Container running; waiting for Jupyter")
-            await self._wait_for_server(container, ip, containerspec.SERVER_PORT)
-            self._emit(90, "Jupyter is listening")
-            return (ip, containerspec.SERVER_PORT)
-        except BaseException:
-            for step in reversed(undo):
-                try:
-                    await asyncio.to_thread(step)
-                except Exception:
-                    self.log.exception("cleanup after a failed start of %s", key)
-            self.container_id = ""
-            raise
-
-    def _server_spec(self, key, paths, limits, gpus, secrets_dir, env: dict[str, str],
-                     engine: dict) -> containerspec.ServerSpec:
-        if (self.docker_url, self.network_name) not in _networks:
-            _networks[(self.docker_url, self.network_name)] = ensure_network(
-                self.client, self.network_name
-            )
-        return containerspec.ServerSpec(
-            name=self.container_name,
-            image=self.image,
-            key=key,
-            username=self.user.name,
-            merged=paths.merged,
-            top_dirs=overlay.top_level_dirs(paths.merged, containerspec.EPHEMERAL),
-            cmd=self.cmd + self.get_args(),
-            env=env,
-            limits=limits,
-            gpus=gpus,
-            device_paths=nvml.device_paths(gpus, self.dev_root) if gpus else [],
-            nvidia_runtime=self._use_nvidia_runtime(engine),
-            network=self.network_name,
-            secrets_dir=secrets_dir,
-            io_device=_block_device(paths.upper),
-            uid=self.container_uid,
-            capabilities=tuple(self.capabilities),
-            init_path=shutil.which("docker-init") or shutil.which("tini"),
-            labels={"labvm.node": self.node_name, "labvm.server": self.name or ""},
+        # One environment, split: tokens go to the node's tmpfs file, the rest to Docker.
+        self.ip = "0.0.0.0"
+        self.port = containerspec.SERVER_PORT
+        env = self.get_env()
+        secrets = {k: env.pop(k) for k in list(env) if _is_secret(k)}
+        req = StartRequest(
+            key=key, username=self.user.name, server=self.name or "", image=self.image,
+            cmd=self.cmd + self.get_args(), env=env, secrets=secrets, limits=asdict(limits),
+            gpus=count, model=model, sharing=sharing, timeout_s=self.http_timeout,
         )
-
-    def _use_nvidia_runtime(self, engine: dict) -> bool:
-        if self.nvidia_runtime != "auto":
-            return self.nvidia_runtime == "on"
-        return "nvidia" in (engine.get("Runtimes") or {})
-
-    def _write_secrets(self, key: str, owner: int, secrets: dict[str, str]) -> Path:
-        root = Path(self.secrets_root)
-        _ensure_tmpfs(root)
-        d = root / key
-        d.mkdir(mode=0o500, exist_ok=True)
-        env_file = d / "env"
-        body = "".join(f"{k}={_shell_quote(v)}\n" for k, v in secrets.items())
-        fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o400)
-        with os.fdopen(fd, "w") as f:
-            f.write(body)
-        os.chown(env_file, owner, owner)
-        os.chown(d, owner, owner)
-        return d
-
-    def _create_and_start(self, spec: containerspec.ServerSpec):
-        container = self.client.containers.create(**containerspec.build(spec))
+        self.node = node_name
         try:
-            container.start()
-        except BaseException:
-            container.remove(force=True)
-            raise
-        return container
-
-    async def _container_ip(self, container) -> str:
-        for _ in range(50):
-            await asyncio.to_thread(container.reload)
-            if container.status == "exited":
-                logs = container.logs(tail=20).decode(errors="replace")
-                raise LabVMError(f"the container exited at start:\n{logs}")
-            nets = container.attrs["NetworkSettings"]["Networks"]
-            ip = (nets.get(self.network_name) or {}).get("IPAddress")
-            if ip:
-                return ip
-            await asyncio.sleep(0.1)
-        raise LabVMError("the container got no network address")
-
-    async def _wait_for_server(self, container, ip: str, port: int) -> None:
-        """Return once the server accepts connections; raise if its container dies first.
-
-        The hub probes a new server with a growing back-off, so a server that comes up
-        between two probes waits for the next one; returning only when the port is open
-        lets the hub's first probe succeed. A server that cannot start fails here, with
-        its log, instead of after the hub's http_timeout.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + min(self.http_timeout, 120)
-        checked = loop.time()
-        while loop.time() < deadline:
-            try:
-                _, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), 1)
-            except (TimeoutError, OSError):
-                pass
-            else:
-                writer.close()
-                return
-            if loop.time() - checked > 0.5:
-                checked = loop.time()
-                await asyncio.to_thread(container.reload)
-                if container.status != "running":
-                    logs = container.logs(tail=30).decode(errors="replace")
-                    raise LabVMError(f"the server's container stopped while starting:\n{logs}")
-            await asyncio.sleep(0.05)
-        # Not our call to give up: the hub's own http_timeout decides.
-        self.log.warning("%s: port %s not open yet; leaving it to the hub", self._log_name, port)
-
-    def _remove_container(self, name_or_id: str) -> None:
-        try:
-            c = self.client.containers.get(name_or_id)
-        except docker.errors.NotFound:
-            return
-        try:
-            c.stop(timeout=int(self.stop_timeout))
-        except docker.errors.APIError:
-            pass
-        c.remove(force=True)
+            result = await node.start(req, self._emit)
+        except NodeUnreachable as e:
+            raise LabVMError(f"Node {node_name} did not answer; try again soon. ({e})") from e
+        self.container_id = result["container_id"]
+        return (result["ip"], result["port"])
 
     async def poll(self):
         if self._starting:
             return None
-        # The hub polls every server it believes running as it starts: the first poll
-        # reconciles GPU allocations with the containers that really run.
-        await asyncio.to_thread(lambda: self.allocator)
-        status = 0
-        if self.container_id:
-            try:
-                c = await asyncio.to_thread(self.client.containers.get, self.container_id)
-            except docker.errors.NotFound:
-                c = None
-            if c is not None and c.status in ("running", "created", "restarting"):
-                return None
-            if c is not None:
-                status = int(c.attrs.get("State", {}).get("ExitCode", 0)) or 0
+        cluster = self.cluster
+        node_name = self.node or (self.node_name if self.local_node else "")
+        if not node_name:
+            return 0
+        try:
+            node = cluster.client(node_name)
+            st = await node.status(self.key)
+        except (NodeUnreachable, LabVMError):
+            nodes = await cluster.nodes()
+            if node_name in nodes and nodes[node_name].up:
+                return None  # a blip: the node heartbeats, so its servers are presumed fine
+            self.log.warning("%s: node %s is down; its server counts as stopped",
+                             self._log_name, node_name)
+            return 1
+        if st["state"] == "running":
+            return None
         # The hub calls stop() only for servers that poll as running, so a server that
         # died on its own is cleaned up here: no container, mount or GPU left held. That
         # includes a start cut short by a hub crash, before its state was saved.
-        await self._release_all(self.root_key or root_key(self.user.name, self.name))
-        return status
+        await node.stop(self.key)
+        self.container_id = ""
+        return st["exit_code"] or 0
 
     async def stop(self, now=False):
-        await self._release_all(self.root_key or root_key(self.user.name, self.name))
-
-    async def _release_all(self, key: str) -> None:
-        paths = overlay.RootPaths.for_key(self.state_path, key)
-        await asyncio.to_thread(self._remove_container, self.container_id or self.container_name)
-        self.container_id = ""
-        await asyncio.to_thread(overlay.unmount_root, paths)
-        shutil.rmtree(Path(self.secrets_root) / key, ignore_errors=True)
-        released = await asyncio.to_thread(self.allocator.release, key)
-        if released:
-            self.log.info("Released GPU(s) %s of %s", ", ".join(released), key)
+        node_name = self.node or (self.node_name if self.local_node else "")
+        if not node_name:
+            return
+        try:
+            result = await self.cluster.client(node_name).stop(self.key)
+        except (NodeUnreachable, LabVMError) as e:
+            # A dead node cannot be stopped; its root is recovered from the last sync.
+            self.log.warning("%s: could not stop on node %s: %s", self._log_name, node_name, e)
+            return
+        finally:
+            self.container_id = ""
+        if not result.get("synced"):
+            self.log.warning("%s: the final sync on node %s did not run", self._log_name,
+                             node_name)
 
 
 async def _check_user_options(spawner: LabVMSpawner, user_options: dict) -> None:
     """The hub's apply_user_options hook: refuse bad names and options with a 400."""
-    inventory = await asyncio.to_thread(nvml.read_inventory)
+    nodes = await spawner._nodes()
+    models = sorted({g["name"] for n in nodes.values() if n.up for g in n.info.get("gpus", [])})
     try:
-        spawner._checked_request(inventory)
+        spawner._checked_request(models)
     except LabVMError as e:
         raise web.HTTPError(400, str(e)) from e
 
@@ -526,28 +431,15 @@ def _is_secret(name: str) -> bool:
     return any(w in name for w in ("TOKEN", "SECRET", "PASSWORD"))
 
 
-def _shell_quote(value: str) -> str:
-    return "'" + value.replace("'", "'\"'\"'") + "'"
+def _start_background_sync(ops: NodeOps, log) -> None:
+    """The in-process node's background sync, on the hub's event loop."""
+
+    async def tick() -> None:
+        try:
+            await asyncio.to_thread(ops.sync_running)
+        except Exception:
+            log.exception("background sync of node %s failed", ops.config.name)
+
+    PeriodicCallback(tick, ops.config.sync_interval_s * 1000).start()
 
 
-def _ensure_tmpfs(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if not overlay.is_mounted(path):
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0711", "labvm-secrets",
-                        str(path)], check=True)
-
-
-def _block_device(path: Path) -> str | None:
-    """The block device node holding ``path``, for Docker's per-device IO limits.
-
-    Throttling applies to whole disks, so a partition resolves to its disk.
-    """
-    dev = os.stat(path).st_dev
-    sys_dev = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
-    if not sys_dev.exists():
-        return None  # not a block device (tmpfs, overlay on a virtual fs)
-    target = sys_dev.resolve()
-    if (target / "partition").exists():
-        target = target.parent
-    node = Path("/dev") / target.name
-    return str(node) if node.exists() else None

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parent.parent
+MOOSEFS_SH = REPO / "scripts" / "moosefs.sh"
+MFS_STATE = Path(os.environ.get("LABVM_MFS_DIR", "/var/lib/labvm/mfs-test"))
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 TEST_ROOT = Path(os.environ.get("LABVM_TEST_ROOT", "/var/lib/labvm-test"))
 
@@ -120,3 +123,32 @@ def hub_factory(docker_client, labvm_image, chp, fake_gpu_dev):
 @pytest.fixture
 def hub(hub_factory):
     return hub_factory()
+
+
+@pytest.fixture(scope="session")
+def moosefs() -> Path:
+    """A running MooseFS mount (scripts/moosefs.sh), started once per session.
+
+    An instance that is already up is reused and left running; one we start is
+    taken down again at the end of the session.
+    """
+    if os.geteuid() != 0:
+        require(False, "root for MooseFS")
+    status = subprocess.run([str(MOOSEFS_SH), "status", str(MFS_STATE)], capture_output=True)
+    started = False
+    if status.returncode != 0:
+        up = subprocess.run([str(MOOSEFS_SH), "up", str(MFS_STATE)], capture_output=True,
+                            text=True, timeout=300)
+        if up.returncode != 0:
+            subprocess.run([str(MOOSEFS_SH), "down", str(MFS_STATE)], capture_output=True)
+            require(False, f"MooseFS (scripts/moosefs.sh up failed: {up.stderr[-2000:]})")
+        started = True
+    mnt = MFS_STATE / "mnt"
+    base = mnt / f"pytest-{uuid.uuid4().hex[:8]}"
+    base.mkdir()
+    try:
+        yield base
+    finally:
+        subprocess.run(["rm", "-rf", str(base)], capture_output=True)
+        if started:
+            subprocess.run([str(MOOSEFS_SH), "down", str(MFS_STATE)], capture_output=True)

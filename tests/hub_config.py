@@ -61,6 +61,15 @@ c.Spawner.pre_spawn_hook = _break_one_user
 # POST .../server answers at once (202), so tests can watch the progress events.
 c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 0}
 
+# ---- multi-node test bed (tests/testbed.py): no node in the hub, nodes a and b ----
+if os.environ.get("LABVM_TEST_TESTBED") == "1":
+    c.LabVMSpawner.local_node = False
+    c.LabVMSpawner.registry_dir = os.environ["LABVM_TEST_REGISTRY"]
+    c.LabVMSpawner.node_key_file = os.environ["LABVM_TEST_NODE_KEY"]
+    # Containers on the nodes reach the hub's API on the test bed's bridge.
+    c.JupyterHub.hub_ip = os.environ["LABVM_TEST_HUB_IP"]
+    c.Spawner.http_timeout = 60
+
 # ---- BEGIN labvm monitor (issue 6): only for hubs started with LABVM_TEST_MONITOR=1 ----
 if os.environ.get("LABVM_TEST_MONITOR") == "1":
     from labvm_spawner.monitor.service import hub_service
@@ -99,11 +108,15 @@ main(sys.argv[1:])
             f"--IdleReclaim.idle_hours={_idle_s / 3600}",
             f"--IdleReclaim.warn_hours={_idle_s / 2 / 3600}",
             "--IdleReclaim.idle_util_percent=101",  # fake GPUs never idle by themselves
-        ],
+        ] + ([
+            f"--MonitorService.registry_dir={os.environ['LABVM_TEST_REGISTRY']}",
+            f"--MonitorService.node_key_file={os.environ['LABVM_TEST_NODE_KEY']}",
+        ] if os.environ.get("LABVM_TEST_TESTBED") == "1" else []),
     )
     _service["environment"] = {
         "LABVM_TEST_MONITOR_PROCS": os.environ["LABVM_TEST_MONITOR_PROCS"],
         "LABVM_METRICS_TOKEN": os.environ["LABVM_TEST_METRICS_TOKEN"],
+        "LABVM_NODE_DOWN_AFTER_S": os.environ.get("LABVM_NODE_DOWN_AFTER_S", "15"),
     }
     c.Authenticator.admin_users = {"boss"}  # the admin the monitor tests log in as
     c.JupyterHub.services = c.JupyterHub.services + [_service]

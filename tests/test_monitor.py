@@ -179,12 +179,52 @@ def test_history_downsamples_and_survives_a_restart(tmp_path):
     h2.close()
 
 
-def test_drain_flag_is_stored(tmp_path):
-    h = History(f"sqlite:///{tmp_path}/m.sqlite")
-    h.set_drained("n1", True, "root")
-    assert History(f"sqlite:///{tmp_path}/m.sqlite").drained_nodes() == {"n1"}
-    h.set_drained("n1", False, "root")
-    assert h.drained_nodes() == set()
+def test_drain_flag_is_stored_in_the_cluster_db(tmp_path):
+    from labvm_spawner.cluster import Cluster
+
+    url = f"sqlite:///{tmp_path}/labvm.sqlite"
+    c = Cluster(url)
+    c.set_drained("n1", True, "root")
+    assert Cluster(url).drained() == {"n1"}  # what the hub's placement reads
+    c.set_drained("n1", False, "root")
+    assert c.drained() == set()
+
+
+def test_user_view_shows_node_and_last_sync(tmp_path):
+    import json
+
+    from labvm_spawner.monitor.state import user_view
+
+    store = tmp_path / "store"
+    (store / "alice").mkdir(parents=True)
+    (store / "alice" / "synced.json").write_text(json.dumps({"t": 1700000000.5, "node": "n2"}))
+    user = {"name": "alice", "servers": {"": {"ready": True}, "work": {}}}
+    view = user_view(user, None, str(store), {}, {"alice": "n2", "alice.work": "n1"})
+    main, work = view["roots"]
+    assert (main["key"], main["node"], main["last_synced"], main["last_synced_node"]) == \
+        ("alice", "n2", 1700000000.5, "n2")
+    assert main["last_sync"] == "2023-11-14T22:13:20+00:00"
+    assert (work["key"], work["node"], work["last_sync"], work["last_synced"]) == \
+        ("alice.work", "n1", "never", None)
+    # Without placements (the old one-node view) the node comes from the sample only.
+    assert user_view(user, None, str(store), {})["roots"][0]["node"] == ""
+
+
+def test_cluster_node_view_counts_gpus_by_model():
+    from labvm_spawner.cluster import NodeView
+    from labvm_spawner.monitor.state import cluster_node_view
+
+    gpus = [{"index": 0, "uuid": "a", "name": "A100", "memory_total": 1, "holder": "bob"},
+            {"index": 1, "uuid": "b", "name": "A100", "memory_total": 1, "holder": None},
+            {"index": 2, "uuid": "c", "name": "H100", "memory_total": 1, "holder": None}]
+    info = {"gpus": gpus, "cpus": 32, "mem_bytes": 64 << 30, "cpus_committed": 4.5,
+            "mem_committed": 8 << 30, "servers": {"bob": {"running": True}}}
+    v = cluster_node_view(NodeView("n1", False, True, info, 42.0))
+    assert v["gpus"] == [{"model": "A100", "total": 2, "free": 1},
+                         {"model": "H100", "total": 1, "free": 1}]
+    assert (v["gpus_total"], v["gpus_free"], v["servers"]) == (3, 2, 1)
+    assert (v["up"], v["drained"], v["age_s"], v["cpus_committed"]) == (False, True, 42.0, 4.5)
+    assert cluster_node_view(NodeView("n2", True, False))["gpus"] == []
 
 
 def test_metrics_use_dcgm_names_and_labels(collector):

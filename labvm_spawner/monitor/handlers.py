@@ -12,7 +12,15 @@ from typing import Any
 from jupyterhub.services.auth import HubOAuthenticated
 from tornado import web
 
-from ..names import root_key
+from ..errors import LabVMError
+from ..names import check_username, root_key
+from ..node.registry import NODE_NAME
+
+
+def refused(status: int, message: str) -> web.HTTPError:
+    """An error whose message may hold user input: passed as an argument, so a '%' in it
+    is never taken for a format by tornado's logging."""
+    return web.HTTPError(status, "%s", message)
 
 
 class BaseHandler(HubOAuthenticated, web.RequestHandler):
@@ -25,8 +33,9 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
         reason = self._reason
         exc = kwargs.get("exc_info", (None, None))[1]
         if isinstance(exc, web.HTTPError) and exc.log_message:
-            reason = exc.log_message
-        self.finish(json.dumps({"status": status_code, "message": reason}))
+            reason = exc.log_message % exc.args if exc.args else exc.log_message
+        # "error" too: the migration API's refusals are documented as {"error": ...}.
+        self.finish(json.dumps({"status": status_code, "message": reason, "error": reason}))
 
     def login_user(self) -> dict[str, Any]:
         user = self.current_user
@@ -48,6 +57,14 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
         if not isinstance(body, dict):
             raise web.HTTPError(400, "body must be a JSON object")
         return body
+
+    def text_field(self, body: dict[str, Any], name: str, required: bool = True) -> str:
+        value = body.get(name)
+        if value is None and not required:
+            return ""
+        if not isinstance(value, str) or (required and not value):
+            raise web.HTTPError(400, f"{name!r} must be a non-empty string")
+        return value
 
     def page(self, template: str, **ns: Any) -> None:
         token = self.xsrf_token  # JupyterHub's xsrf token, which HubOAuth checks on POST
@@ -129,14 +146,82 @@ class StopHandler(BaseHandler):
 
 
 class DrainHandler(BaseHandler):
+    """Drain flags live in the cluster's database, which the hub's placement reads."""
+
     @web.authenticated
     def post(self) -> None:
         admin = self.admin_user()
         body = self.json_body()
         node = str(body.get("node") or self.monitor.node_name)
+        if not NODE_NAME.fullmatch(node):
+            raise refused(400, f"invalid node name {node[:70]!r}")
         drained = bool(body.get("drained", True))
-        self.monitor.history.set_drained(node, drained, admin["name"])
+        self.monitor.cluster.set_drained(node, drained, admin["name"])
+        self.monitor.log.info("%s %s node %s", admin["name"],
+                              "drained" if drained else "undrained", node)
         self.write({"node": node, "drained": drained})
+
+
+class MigrateHandler(BaseHandler):
+    """{"user", "server"?, "node"} -> 202 {"id"}; a refusal -> 400 {"error"}."""
+
+    @web.authenticated
+    async def post(self) -> None:
+        admin = self.admin_user()
+        body = self.json_body()
+        user = self.text_field(body, "user")
+        server = self.text_field(body, "server", required=False)
+        node = self.text_field(body, "node")
+        try:
+            mid = await self.monitor.migrator.start(user, server, node, admin["name"])
+        except LabVMError as e:
+            raise refused(400, str(e)) from e
+        self.monitor.log.info("%s started migration %d of %s to node %s", admin["name"], mid,
+                              root_key(user, server), node)
+        self.set_status(202)
+        self.write({"id": mid})
+
+
+class MigrationsHandler(BaseHandler):
+    @web.authenticated
+    def get(self) -> None:
+        self.admin_user()
+        self.write({"migrations": self.monitor.cluster.migrations()})
+
+
+class MigrationHandler(BaseHandler):
+    @web.authenticated
+    def get(self, mid: str) -> None:
+        self.admin_user()
+        record = self.monitor.cluster.migration(int(mid))
+        if record is None:
+            raise refused(404, f"there is no migration {mid}")
+        self.write(record)
+
+
+class PinHandler(BaseHandler):
+    """{"user", "node": name or null}: where the user's roots go when first placed."""
+
+    @web.authenticated
+    async def post(self) -> None:
+        admin = self.admin_user()
+        body = self.json_body()
+        user = self.text_field(body, "user")
+        node = body.get("node")
+        try:
+            check_username(user)
+        except LabVMError as e:
+            raise refused(400, str(e)) from e
+        if node is not None:
+            if not isinstance(node, str):
+                raise web.HTTPError(400, "'node' must be a node name or null")
+            nodes = await self.monitor.cluster.nodes()
+            if node not in nodes:
+                known = ", ".join(sorted(nodes)) or "none"
+                raise refused(400, f"there is no node {node[:70]!r} (nodes: {known})")
+        self.monitor.cluster.set_pin(user, node)
+        self.monitor.log.info("%s pinned %s to %s", admin["name"], user, node or "no node")
+        self.write({"user": user, "node": node})
 
 
 class RestoreHandler(BaseHandler):

@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
-from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import Boolean, DateTime, Integer, String, Text, create_engine, delete, select
+from sqlalchemy import Integer, String, Text, create_engine, delete, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -32,16 +31,6 @@ class HistoryPoint(_Base):
     subject: Mapped[str] = mapped_column(String(255), index=True)
     t: Mapped[int] = mapped_column(Integer, index=True)  # start of the step, unix seconds
     values: Mapped[str] = mapped_column(Text)  # JSON object of averaged numbers
-
-
-class NodeFlag(_Base):
-    """Admin flags of a node; placement (a later issue) skips drained nodes."""
-
-    __tablename__ = "labvm_monitor_node_flags"
-    node: Mapped[str] = mapped_column(String(255), primary_key=True)
-    drained: Mapped[bool] = mapped_column(Boolean, default=False)
-    changed_by: Mapped[str] = mapped_column(String(255), default="")
-    changed_at: Mapped[datetime] = mapped_column(DateTime)  # naive UTC
 
 
 class RecentSamples:
@@ -136,19 +125,6 @@ class History:
                 if values is not None:
                     out.append((sample.t, values))
         return out
-
-    # ---- node flags ----------------------------------------------------------
-
-    def set_drained(self, node: str, drained: bool, by: str) -> None:
-        with Session(self.engine) as s, s.begin():
-            flag = s.get(NodeFlag, node) or NodeFlag(node=node)
-            flag.drained, flag.changed_by = drained, by
-            flag.changed_at = datetime.now(UTC).replace(tzinfo=None)
-            s.add(flag)
-
-    def drained_nodes(self) -> set[str]:
-        with Session(self.engine) as s:
-            return set(s.scalars(select(NodeFlag.node).where(NodeFlag.drained)))
 
     def nodes(self) -> list[str]:
         with Session(self.engine) as s:

@@ -7,7 +7,7 @@ import os
 from typing import Any
 from urllib.parse import quote
 
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 
 class HubApi:
@@ -33,3 +33,18 @@ class HubApi:
         path = f"/users/{quote(user)}/server" if not server else \
             f"/users/{quote(user)}/servers/{quote(server)}"
         await self._call("DELETE", path)
+
+    async def user(self, name: str) -> dict[str, Any] | None:
+        """The user's model (with stopped servers), or None if the hub has no such user."""
+        try:
+            return await self._call("GET", f"/users/{quote(name)}?include_stopped_servers=1")
+        except HTTPClientError as e:
+            if e.code == 404:
+                return None
+            raise
+
+    async def start_server(self, user: str, server: str = "",
+                           options: dict[str, Any] | None = None) -> None:
+        path = f"/users/{quote(user)}/server" if not server else \
+            f"/users/{quote(user)}/servers/{quote(server)}"
+        await self._call("POST", path, options or {})

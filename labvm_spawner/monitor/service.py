@@ -2,7 +2,9 @@
 
 It samples the node every ``interval_s`` seconds, keeps recent samples in memory and a
 downsampled history in a database, runs the idle-GPU reclaim policy, and serves the
-admin pages, each user's own page and /metrics under the service's prefix.
+admin pages, each user's own page and /metrics under the service's prefix. It also shows
+the cluster's nodes (from their heartbeats) and runs migrations between them, through
+the same database the hub places servers with.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from tornado import ioloop, web
 from traitlets import Float, Int, Unicode, default
 from traitlets.config import Application
 
+from ..cluster import Cluster
+from ..migration import Migrator
 from ..storage import open_store
 from . import handlers, notice
 from .collector import Collector, Sample
@@ -30,7 +34,7 @@ from .history import History, RecentSamples
 from .hubapi import HubApi
 from .metrics import exposition
 from .reclaim import Decision, IdleReclaim
-from .state import gpu_view, node_view, user_view
+from .state import cluster_node_view, gpu_view, node_view, user_view
 
 HERE = Path(__file__).resolve().parent
 
@@ -65,6 +69,22 @@ class MonitorService(Application):
     prefix = Unicode(help="URL prefix; defaults to $JUPYTERHUB_SERVICE_PREFIX.").tag(config=True)
     hub_prefix = Unicode("/hub/", help="The hub's URL prefix, for links back to it.").tag(
         config=True)
+    cluster_db_url = Unicode(
+        "", help="SQLAlchemy URL of LabVM's database, where placements, pins, drained nodes "
+        "and migrations are kept: the hub's LabVMSpawner.db_url. Empty means Collector.db_url "
+        "if set, else sqlite:///<Collector.state_dir>/labvm.sqlite (the spawner's default)."
+    ).tag(config=True)
+    registry_dir = Unicode(
+        "", help="LabVMSpawner.registry_dir: the shared directory where node agents write "
+        "their heartbeat records. Empty: no registered nodes are shown or migrated to."
+    ).tag(config=True)
+    node_key_file = Unicode(
+        "", help="LabVMSpawner.node_key_file: the hub's node key, which a migration needs to "
+        "ask the source node to sync. Empty: only evacuations of down nodes can run."
+    ).tag(config=True)
+    migration_timeout_s = Float(
+        300.0, help="Seconds a migration waits for the server to stop, or to start again."
+    ).tag(config=True)
 
     @default("metrics_token")
     def _metrics_token_default(self) -> str:
@@ -93,6 +113,11 @@ class MonitorService(Application):
         self.history = History(url, self.history_step_s, self.retention_days)
         self.recent = RecentSamples(int(self.recent_minutes * 60 / self.interval_s))
         self.hub = HubApi()
+        self.cluster = Cluster(self.cluster_url, self.registry_dir, self.node_key_file,
+                               local=None)
+        # This service runs the migrations: any still marked running died with it.
+        self.cluster.fail_interrupted()
+        self.migrator = Migrator(self.cluster, self.hub, self.migration_timeout_s)
         self.warnings: dict[str, dict[str, Any]] = {}  # key -> the warning its user sees
         self.reclaimed: list[dict[str, Any]] = []
 
@@ -103,6 +128,11 @@ class MonitorService(Application):
     @property
     def store_root(self) -> str:
         return self.collector.store_path
+
+    @property
+    def cluster_url(self) -> str:
+        return (self.cluster_db_url or self.collector.db_url
+                or f"sqlite:///{Path(self.collector.state_dir) / 'labvm.sqlite'}")
 
     # ---- sampling ------------------------------------------------------------
 
@@ -147,10 +177,19 @@ class MonitorService(Application):
     async def admin_state(self) -> dict[str, Any]:
         sample = self.latest()
         users = await self.hub.users()
-        views = [user_view(u, sample, self.store_root, self.warnings) for u in users]
+        cluster = self.cluster
+        nodes = await cluster.nodes()
+        placements = cluster.placements()
+        views = [user_view(u, sample, self.store_root, self.warnings, placements)
+                 for u in users]
         return {
-            "nodes": [node_view(sample, self.node_name,
-                                self.node_name in self.history.drained_nodes())],
+            # "nodes" is this service's own, sampled node; "cluster_nodes" every
+            # registered one, from its heartbeat.
+            "nodes": [node_view(sample, self.node_name, self.node_name in cluster.drained())],
+            "cluster_nodes": [cluster_node_view(nodes[n]) for n in sorted(nodes)],
+            "placements": placements,
+            "pins": cluster.pins(),
+            "migrations": cluster.migrations(),
             "gpus": gpu_view(sample),
             "users": views,
             "reclaim": {"idle_hours": self.reclaim.idle_hours,
@@ -161,7 +200,8 @@ class MonitorService(Application):
     async def user_state(self, name: str) -> dict[str, Any]:
         users = {u["name"]: u for u in await self.hub.users()}
         user = users.get(name, {"name": name})
-        return user_view(user, self.latest(), self.store_root, self.warnings)
+        return user_view(user, self.latest(), self.store_root, self.warnings,
+                         self.cluster.placements())
 
     async def restore(self, key: str, version: int) -> int:
         store = open_store(self.store_root)
@@ -188,6 +228,10 @@ class MonitorService(Application):
             (p + "api/admin/stop", H.StopHandler),
             (p + "api/admin/drain", H.DrainHandler),
             (p + "api/admin/restore", H.RestoreHandler),
+            (p + "api/admin/migrate", H.MigrateHandler),
+            (p + "api/admin/migrations", H.MigrationsHandler),
+            (p + r"api/admin/migrations/(\d+)", H.MigrationHandler),
+            (p + "api/admin/pin", H.PinHandler),
             (p + "api/me", H.UserStateHandler),
             (p + "api/me/history", H.HistoryHandler, {"admin": False}),
             (p + "metrics", H.MetricsHandler),
@@ -221,6 +265,7 @@ class MonitorService(Application):
         await stop.wait()
         timer.stop()
         self.history.close()
+        self.cluster.close()
         self.collector.close()
 
     def start(self) -> None:

@@ -1,30 +1,56 @@
 """The views the pages show, assembled from the latest sample, the hub's users,
-GPU allocations and the layer store. Plain dicts, ready for JSON."""
+GPU allocations, the layer store and the cluster's records. Plain dicts, ready for JSON."""
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+from ..cluster import NodeView
 from ..names import root_key
 from ..storage import open_store
 from .collector import Sample
 
 
-def _keys_of(user: dict[str, Any], store_keys: list[str]) -> list[str]:
+def _keys_of(user: dict[str, Any], known_keys: list[str]) -> list[str]:
+    """The user's roots: their servers', and any key the store or a placement knows."""
     name = user["name"]
     keys = {root_key(name, s) for s in (user.get("servers") or {})}
-    keys.update(k for k in store_keys if k == name or k.startswith(name + "."))
+    keys.update(k for k in known_keys if k == name or k.startswith(name + "."))
     return sorted(keys)
 
 
+def last_synced(store_root: str, key: str) -> dict[str, Any] | None:
+    """The node's last sync of ``key`` to the store ({"t", "node"}), None if it never ran."""
+    try:
+        with open(Path(store_root) / key / "synced.json", encoding="utf-8") as f:
+            record = json.load(f)
+        return {"t": float(record["t"]), "node": str(record.get("node") or "")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _sync_fields(store_root: str, key: str) -> dict[str, Any]:
+    synced = last_synced(store_root, key)
+    if synced is None:
+        return {"last_sync": "never", "last_synced": None, "last_synced_node": ""}
+    iso = datetime.fromtimestamp(synced["t"], UTC).isoformat(timespec="seconds")
+    return {"last_sync": iso, "last_synced": synced["t"], "last_synced_node": synced["node"]}
+
+
 def user_view(user: dict[str, Any], sample: Sample | None, store_root: str,
-              warnings: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """One user: each root (server) with its container figures, GPUs and layer versions."""
+              warnings: dict[str, dict[str, Any]],
+              placements: dict[str, str] | None = None) -> dict[str, Any]:
+    """One user: each root (server) with its node, container figures, GPUs, layer versions
+    and last sync. ``placements`` (key -> node) come from the cluster's records."""
     store = open_store(store_root)
+    placements = placements or {}
     containers = {c.key: c for c in sample.containers} if sample else {}
     servers = user.get("servers") or {}
     roots = []
-    for key in _keys_of(user, store.keys()):
+    for key in _keys_of(user, store.keys() + list(placements)):
         server = key.split(".", 1)[1] if "." in key else ""
         srv = servers.get(server) or {}
         c = containers.get(key)
@@ -37,14 +63,16 @@ def user_view(user: dict[str, Any], sample: Sample | None, store_root: str,
         roots.append({
             "key": key, "server": server,
             "running": bool(srv.get("ready")) or c is not None,
-            "node": sample.node if c is not None and sample else "",
+            # The placement says where the root lives, running or not; a container
+            # sampled here without one is a server started before placements existed.
+            "node": placements.get(key) or (sample.node if c is not None and sample else ""),
             "last_activity": srv.get("last_activity"),
             "container": c.__dict__ if c else None,
             "gpus": gpus,
             "versions": store.versions(key),
             "current_version": store.current_version(key),
-            "last_sync": "never",  # the background sync is another issue
             "warning": warnings.get(key),
+            **_sync_fields(store_root, key),
         })
     return {"name": user["name"], "admin": bool(user.get("admin")), "roots": roots}
 
@@ -70,4 +98,24 @@ def node_view(sample: Sample | None, node: str, drained: bool) -> dict[str, Any]
         "gpus": len(sample.gpus) if sample else 0,
         "gpus_held": sum(1 for g in sample.gpus if g.holder) if sample else 0,
         "containers": len(sample.containers) if sample else 0,
+    }
+
+
+def cluster_node_view(node: NodeView) -> dict[str, Any]:
+    """A registered node from its heartbeat: up or down, GPUs by model, committed CPU/memory."""
+    info = node.info
+    models: dict[str, dict[str, int]] = {}
+    for g in info.get("gpus") or []:
+        m = models.setdefault(str(g.get("name", "?")), {"total": 0, "free": 0})
+        m["total"] += 1
+        m["free"] += 0 if g.get("holder") else 1
+    return {
+        "name": node.name, "up": node.up, "age_s": node.age_s, "drained": node.drained,
+        "local": node.local,
+        "gpus": [{"model": k, **v} for k, v in sorted(models.items())],
+        "gpus_total": sum(v["total"] for v in models.values()),
+        "gpus_free": sum(v["free"] for v in models.values()),
+        "cpus": info.get("cpus", 0), "cpus_committed": info.get("cpus_committed", 0),
+        "mem_bytes": info.get("mem_bytes", 0), "mem_committed": info.get("mem_committed", 0),
+        "servers": len(info.get("servers") or {}),
     }

@@ -127,7 +127,7 @@ class UpperSync:
         m = self._m(rel)
         try:
             is_dir = stat.S_ISDIR(os.lstat(m).st_mode)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # gone with a parent replaced
             self.index.pop(rel, None)
             return
         self._forget(rel, is_dir)

@@ -14,6 +14,8 @@
   const pct = (x) => x.toFixed(0) + " %";
   const bar = (x) => `<span class="bar" style="width:${Math.min(100, x)}px"></span> ${pct(x)}`;
   const when = (t) => (t ? new Date(t).toLocaleString() : "never");
+  const num = (x) => String(Math.round(Number(x || 0) * 10) / 10);
+  const secs = (x) => (x == null ? "" : Number(x).toFixed(1) + " s");
   const hoursSel = () => Number((document.getElementById("hours") || {}).value || 1);
 
   // JupyterHub checks the xsrf token on every non-navigation request that uses the
@@ -23,7 +25,7 @@
     opts.headers["X-XSRFToken"] = xsrf;
     const r = await fetch(prefix + path, opts);
     const data = await r.json().catch(() => ({}));
-    if (!r.ok) throw new Error(data.message || r.statusText);
+    if (!r.ok) throw new Error(data.error || data.message || r.statusText);
     return data;
   }
   const post = (path, payload) => api(path, {
@@ -77,12 +79,33 @@
     });
     document.getElementById("nodes").innerHTML = `<tr><th>Node</th><th>Placement</th><th>CPU</th>
       <th>Memory</th><th>Uppers disk</th><th>Layer store</th><th>GPUs held</th><th>Servers</th><th></th></tr>` + rows.join("");
+    renderClusterNodes(state.cluster_nodes || []);
     const node = state.nodes[0];
     if (node) {
       const pts = await history("api/admin/history", "node", node.name);
       drawChart("chart-node", "CPU % (node)", ["CPU %"], [pts], "cpu_percent");
       drawChart("chart-node-mem", "Memory used (GiB)", ["memory"], [pts], "mem_used", 1 / 2 ** 30);
     }
+  }
+
+  // Every registered node, from its heartbeat: what placement and migration choose from.
+  function clusterNodeRow(n) {
+    const up = n.up ? "up"
+      : `<span class="down">down</span> (last heartbeat ${Math.round(Number(n.age_s || 0))} s ago)`;
+    const gpus = n.gpus.map((g) => `${Number(g.free)} / ${Number(g.total)} ${esc(g.model)}`).join("<br>") || "none";
+    return `<tr data-node="${esc(n.name)}"><td>${esc(n.name)}${n.local ? " (in the hub)" : ""}</td><td>${up}</td>
+      <td class="num">${gpus}</td><td class="num">${num(n.cpus_committed)} / ${num(n.cpus)}</td>
+      <td class="num">${gib(n.mem_committed || 0)} / ${gib(n.mem_bytes || 0)}</td><td class="num">${Number(n.servers)}</td>
+      <td>${n.drained ? "<b>drained</b>" : "open"}</td>
+      <td><button data-drain="${esc(n.name)}" data-to="${!n.drained}">${n.drained ? "Undrain" : "Drain"}</button></td></tr>`;
+  }
+
+  function renderClusterNodes(nodes) {
+    const el = document.getElementById("cluster-nodes");
+    if (!el) return;
+    el.innerHTML = `<tr><th>Node</th><th>State</th><th>GPUs free / total</th><th>CPUs committed</th>
+      <th>Memory committed</th><th>Servers</th><th>Placement</th><th></th></tr>` + (nodes.map(clusterNodeRow).join("")
+      || '<tr><td colspan="8" class="note">No node agent has registered (MonitorService.registry_dir).</td></tr>');
   }
 
   // ---- admin: GPUs -----------------------------------------------------------
@@ -101,29 +124,57 @@
   }
 
   // ---- admin: users ----------------------------------------------------------
-  function rootRow(u, r, restoreOk) {
+  // Up, undrained nodes other than the root's own: where it may be migrated to.
+  function migrateTargets(state, r) {
+    return (state.cluster_nodes || []).filter((n) => n.up && !n.drained && n.name !== r.node);
+  }
+
+  function rootRow(u, r, state) {
+    const restoreOk = state.restore_supported;
     const c = r.container;
+    const pin = (state.pins || {})[u.name];
+    const targets = migrateTargets(state, r).map((n) => `<option value="${esc(n.name)}">${esc(n.name)}</option>`).join("");
+    const synced = r.last_synced ? when(r.last_synced * 1000) + (r.last_synced_node ? " on " + r.last_synced_node : "") : "never";
     const versions = r.versions.map((v) => (v === r.current_version ? `<b>${v}</b>` : v)).join(", ") || "none";
     const options = r.versions.filter((v) => v !== r.current_version).map((v) => `<option>${v}</option>`).join("");
     const canRestore = restoreOk && !r.running && options;
-    return `<tr data-key="${esc(r.key)}"><td>${esc(u.name)}${u.admin ? " (admin)" : ""}</td><td>${esc(r.server || "(default)")}</td><td>${esc(r.node)}</td>
+    return `<tr data-key="${esc(r.key)}"><td>${esc(u.name)}${u.admin ? " (admin)" : ""}</td><td>${esc(r.server || "(default)")}</td><td>${esc(r.node)}${pin ? " (pinned to " + esc(pin) + ")" : ""}</td>
       <td>${r.running ? "running" : "stopped"}${r.warning ? '<br><span class="warning">idle GPUs: stop at ' + when(r.warning.stop_at * 1000) + "</span>" : ""}</td>
       <td class="num">${c ? pct(c.cpu_percent) + " / " + (c.cpu_limit ? c.cpu_limit + " CPUs" : "no limit") : ""}</td>
       <td class="num">${c ? gib(c.mem_used) + " / " + (c.mem_limit ? gib(c.mem_limit) : "no limit") : ""}</td>
       <td class="num">${c ? c.pids : ""}</td>
       <td>${r.gpus.map((g) => `GPU ${g.index} ${pct(g.util)}`).join("<br>") || "none"}</td>
-      <td>${esc(r.last_activity ? when(r.last_activity) : "")}</td><td>${esc(r.last_sync)}</td><td>${versions}</td>
+      <td>${esc(r.last_activity ? when(r.last_activity) : "")}</td><td>${esc(synced)}</td><td>${versions}</td>
       <td><button data-stop="${esc(u.name)}" data-server="${esc(r.server)}" ${r.running ? "" : "disabled"}>Stop</button>
         <select data-versions="${esc(r.key)}" ${canRestore ? "" : "disabled"}>${options}</select>
         <button data-restore="${esc(r.key)}" ${canRestore ? "" : "disabled"} title="${restoreOk ? "the server must be stopped" : "not supported by this layer store yet"}">Restore</button>
-        <button disabled title="migration comes with multi-node placement">Migrate</button></td></tr>`;
+        <select data-migrate-to="${esc(r.key)}" ${targets && r.node ? "" : "disabled"}><option value="">to node…</option>${targets}</select>
+        <button data-migrate="${esc(u.name)}" data-server="${esc(r.server)}" data-key="${esc(r.key)}" ${targets && r.node ? "" : "disabled"}
+          title="${r.node ? "move this server and its root to another node" : "not placed on a node yet: pin the user instead"}">Migrate</button></td></tr>`;
+  }
+
+  function renderMigrations(list) {
+    const rows = list.map((m) => `<tr data-migration="${Number(m.id)}"><td class="num">${Number(m.id)}</td>
+      <td>${esc(m.user)}${m.server ? " / " + esc(m.server) : ""}</td><td>${esc(m.source)}</td><td>${esc(m.target)}</td>
+      <td>${esc(m.by)}</td><td>${esc(when(m.started * 1000))}</td><td class="${m.state === "failed" ? "failed" : ""}">${esc(m.state)}</td>
+      <td>${esc(m.step)}</td><td class="num">${secs(m.downtime_s)}</td><td>${esc(m.error)}</td></tr>`);
+    document.getElementById("migrations").innerHTML = `<tr><th>#</th><th>User</th><th>From</th><th>To</th><th>By</th>
+      <th>Started</th><th>State</th><th>Step</th><th>Downtime</th><th>Error</th></tr>`
+      + (rows.join("") || '<tr><td colspan="10" class="note">none yet</td></tr>');
   }
 
   function renderUsers(state) {
-    const rows = state.users.flatMap((u) => (u.roots.length ? u.roots.map((r) => rootRow(u, r, state.restore_supported))
+    // A chosen migration target survives the periodic re-render.
+    const chosen = new Map([...document.querySelectorAll("select[data-migrate-to]")].map((s) => [s.dataset.migrateTo, s.value]));
+    const rows = state.users.flatMap((u) => (u.roots.length ? u.roots.map((r) => rootRow(u, r, state))
       : [`<tr><td>${esc(u.name)}</td><td colspan="11" class="note">no server or stored root</td></tr>`]));
     document.getElementById("users").innerHTML = `<tr><th>User</th><th>Server</th><th>Node</th><th>State</th><th>CPU / limit</th>
       <th>Memory / limit</th><th>Pids</th><th>GPUs</th><th>Last activity</th><th>Last sync</th><th>Layer versions (current bold)</th><th>Actions</th></tr>` + rows.join("");
+    for (const s of document.querySelectorAll("select[data-migrate-to]")) {
+      const v = chosen.get(s.dataset.migrateTo);
+      if (v && [...s.options].some((o) => o.value === v)) s.value = v;
+    }
+    renderMigrations(state.migrations || []);
     const rc = state.reclaim;
     document.getElementById("reclaim").textContent = rc.idle_hours > 0
       ? `Idle GPU reclaim: servers whose GPUs stay idle ${rc.idle_hours} h are stopped (users warned ${rc.warn_hours} h before).`
@@ -152,6 +203,37 @@
     }
   }
 
+  // ---- migrations ------------------------------------------------------------
+  const migrationStatus = (msg, failed) => {
+    const el = document.getElementById("migration-status");
+    el.textContent = msg;
+    el.className = failed ? "failed" : "note";
+  };
+
+  async function followMigration(id) {
+    for (;;) {
+      const m = await api(`api/admin/migrations/${Number(id)}`);
+      let msg = `Migration ${m.id} of ${m.key} (${m.source} → ${m.target}): ${m.state}, ${m.step}`;
+      if (m.state === "done") msg += `; downtime ${m.downtime_s == null ? "none" : secs(m.downtime_s)}`;
+      if (m.error) msg += `; error: ${m.error}`;
+      migrationStatus(msg, m.state === "failed");
+      if (m.state !== "running") return refresh();
+      await new Promise((done) => setTimeout(done, 1000));
+    }
+  }
+
+  async function migrate(b) {
+    const to = b.parentElement.querySelector("select[data-migrate-to]").value;
+    if (!to) { migrationStatus(`Choose the node to move ${b.dataset.key} to.`); return; }
+    if (!confirm(`Move ${b.dataset.key} to node ${to}? A running server is stopped and started again there.`)) return;
+    let r;
+    try {
+      r = await post("api/admin/migrate", { user: b.dataset.migrate, server: b.dataset.server, node: to });
+    } catch (e) { migrationStatus("Migration refused: " + e.message, true); return; }
+    migrationStatus(`Migration ${r.id} of ${b.dataset.key} to node ${to} accepted.`);
+    followMigration(r.id).catch((e) => migrationStatus(`Lost track of migration ${r.id}: ${e.message}`, true));
+  }
+
   // ---- actions ---------------------------------------------------------------
   document.addEventListener("click", async (ev) => {
     const b = ev.target;
@@ -162,6 +244,8 @@
         status(`Stopping the server of ${b.dataset.stop}.`);
       } else if (b.dataset.drain !== undefined) {
         await post("api/admin/drain", { node: b.dataset.drain, drained: b.dataset.to === "true" });
+      } else if (b.dataset.migrate !== undefined) {
+        await migrate(b);
       } else if (b.dataset.restore !== undefined) {
         const key = b.dataset.restore;
         const v = Number(document.querySelector(`select[data-versions="${key}"]`).value);

@@ -1,0 +1,207 @@
+"""``labvm-node``: the node agent, serving ``NodeOps`` over HTTPS to the hub.
+
+Every request needs ``Authorization: Bearer <token>``; the agent knows only the
+token's SHA-256. A request without it gets 401 and changes nothing. Besides
+serving requests the agent writes its heartbeat record (``registry``) and syncs
+every running server's upper to the layer store in the background.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from tornado import web
+
+from ..allocations import GpuUnavailable
+from ..errors import LabVMError
+from . import auth, registry
+from .ops import NodeConfig, NodeOps, StartRequest
+
+log = logging.getLogger("labvm.node")
+KEY = r"([a-z_][a-z0-9_-]{0,31}(?:\.[a-z0-9][a-z0-9_-]{0,63})?)"
+
+
+class _Handler(web.RequestHandler):
+    def initialize(self, ops: NodeOps, token_hash: str, pool: ThreadPoolExecutor) -> None:
+        self.ops = ops
+        self.token_hash = token_hash
+        self.pool = pool
+
+    def prepare(self) -> None:
+        if not auth.bearer_ok(self.request.headers.get("Authorization"), self.token_hash):
+            raise web.HTTPError(401)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None))[1]
+        msg = exc.log_message if isinstance(exc, web.HTTPError) and exc.log_message else None
+        self.finish({"error": msg or self._reason})
+
+    async def call(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(self.pool, fn, *args)
+        except GpuUnavailable as e:
+            raise web.HTTPError(409, str(e)) from e
+        except LabVMError as e:
+            raise web.HTTPError(400, str(e)) from e
+        self.finish(result)
+
+
+class InfoHandler(_Handler):
+    async def get(self) -> None:
+        await self.call(self.ops.info)
+
+
+class ServerHandler(_Handler):
+    async def get(self, key: str) -> None:
+        await self.call(self.ops.status, key)
+
+
+class ActionHandler(_Handler):
+    async def post(self, key: str, action: str) -> None:
+        if action == "start":
+            try:
+                body = json.loads(self.request.body or b"{}")
+            except ValueError:
+                raise web.HTTPError(400, "the body is not JSON") from None
+            if not isinstance(body, dict) or body.get("key") != key:
+                raise web.HTTPError(400, "the body must be a start request for this key")
+            try:
+                req = StartRequest.from_json(body)
+            except LabVMError as e:
+                raise web.HTTPError(400, str(e)) from e
+            await self.call(self.ops.start, req)
+        else:
+            await self.call(getattr(self.ops, action), key)
+
+
+def make_app(ops: NodeOps, token_hash: str, pool: ThreadPoolExecutor) -> web.Application:
+    args = {"ops": ops, "token_hash": token_hash, "pool": pool}
+    return web.Application([
+        (r"/v1/info", InfoHandler, args),
+        (rf"/v1/servers/{KEY}", ServerHandler, args),
+        (rf"/v1/servers/{KEY}/(start|stop|sync|discard)", ActionHandler, args),
+    ])
+
+
+async def serve(ops: NodeOps, listen: str, url: str, token_hash: str, tls_dir: str,
+                registry_dir: str, heartbeat_s: float) -> None:
+    host, _, port = listen.rpartition(":")
+    address = url.split("//", 1)[-1].rsplit(":", 1)[0]
+    cert, key = auth.ensure_cert(tls_dir, ops.config.name, address)
+    pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="labvm-node")
+    app = make_app(ops, token_hash, pool)
+    server = app.listen(int(port), host or "0.0.0.0",
+                        ssl_options=auth.server_context(cert, key))
+    cert_pem = cert.read_text()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def heartbeats() -> None:
+        while True:
+            try:
+                info = await loop.run_in_executor(pool, ops.info)
+                await loop.run_in_executor(pool, registry.write_record, registry_dir,
+                                           {"name": ops.config.name, "url": url,
+                                            "cert": cert_pem, "info": info})
+            except Exception:
+                log.exception("heartbeat failed")
+            await asyncio.sleep(heartbeat_s)
+
+    async def syncs() -> None:
+        while True:
+            await asyncio.sleep(ops.config.sync_interval_s)
+            try:
+                await loop.run_in_executor(pool, ops.sync_running)
+            except Exception:
+                log.exception("background sync failed")
+
+    tasks = [asyncio.create_task(heartbeats()), asyncio.create_task(syncs())]
+    log.info("labvm-node %s listening on %s (advertised %s)", ops.config.name, listen, url)
+    await stop.wait()
+    for t in tasks:
+        t.cancel()
+    server.stop()
+    pool.shutdown(wait=True, cancel_futures=True)
+    ops.close()
+
+
+def _tokens(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="labvm-node", description="the hub's node key")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    mk = sub.add_parser("make-key", help="make the hub's node key file (mode 600)")
+    mk.add_argument("path")
+    th = sub.add_parser("token-hash", help="print the SHA-256 of a node's token, for "
+                        "that node's --token-hash-file")
+    th.add_argument("node")
+    th.add_argument("--key-file", required=True)
+    a = p.parse_args(argv)
+    if a.cmd == "make-key":
+        auth.make_key(a.path)
+    else:
+        if not registry.NODE_NAME.fullmatch(a.node):
+            p.error(f"invalid node name {a.node!r}")
+        print(auth.token_hash(auth.node_token(auth.load_key(a.key_file), a.node)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("make-key", "token-hash"):
+        try:
+            _tokens(argv)
+        except (LabVMError, OSError) as e:
+            sys.exit(f"labvm-node: {e}")
+        return
+    if argv and argv[0] == "serve":
+        argv = argv[1:]
+    p = argparse.ArgumentParser(prog="labvm-node serve", description=__doc__.splitlines()[0])
+    p.add_argument("--name", required=True, help="this node's name")
+    p.add_argument("--listen", default="0.0.0.0:8741", help="HOST:PORT to listen on")
+    p.add_argument("--url", required=True, help="https://ADDRESS:PORT the hub reaches us at")
+    p.add_argument("--token-hash-file", required=True,
+                   help="file with the SHA-256 of this node's token (labvm node token-hash)")
+    p.add_argument("--registry-dir", required=True,
+                   help="the shared directory where nodes write their heartbeat records")
+    p.add_argument("--tls-dir", default="", help="certificate directory (<state-dir>/tls)")
+    p.add_argument("--heartbeat", type=float, default=3.0, help="seconds between heartbeats")
+    p.add_argument("--docker-url", default="", help="this node's Docker engine")
+    p.add_argument("--state-dir", default="/var/lib/labvm", help="node-local state directory")
+    p.add_argument("--store-root", default="", help="the layer store (a MooseFS mount)")
+    p.add_argument("--image-layer-dir", default="", help="unpacked image layers")
+    p.add_argument("--publish-ip", default="", help="address Jupyter ports are published on")
+    p.add_argument("--dev-root", default="/dev", help="where /dev/nvidiaN live")
+    p.add_argument("--secrets-root", default="/run/labvm/secrets", help="tmpfs for tokens")
+    p.add_argument("--network", default="labvm", help="Docker network for containers")
+    p.add_argument("--sync-interval", type=float, default=10.0,
+                   help="seconds between background syncs of running servers (<= 10 keeps "
+                   "a node's loss to that window)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if not registry.NODE_NAME.fullmatch(a.name):
+        p.error(f"invalid node name {a.name!r}")
+    if a.sync_interval <= 0:
+        p.error("--sync-interval must be positive")
+    token_hash = Path(a.token_hash_file).read_text().strip()
+    if len(token_hash) != 64:
+        p.error(f"{a.token_hash_file} does not hold a SHA-256 hex digest")
+    cfg = NodeConfig(name=a.name, docker_url=a.docker_url, state_dir=a.state_dir,
+                     store_root=a.store_root, image_layer_dir=a.image_layer_dir,
+                     network_name=a.network, dev_root=a.dev_root, secrets_root=a.secrets_root,
+                     publish_ip=a.publish_ip, sync_interval_s=a.sync_interval)
+    ops = NodeOps(cfg)
+    asyncio.run(serve(ops, a.listen, a.url, token_hash, a.tls_dir or f"{a.state_dir}/tls",
+                      a.registry_dir, a.heartbeat))
+
+
+if __name__ == "__main__":
+    main()

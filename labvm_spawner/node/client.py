@@ -1,0 +1,119 @@
+"""How the hub reaches a node: in-process (the one-node default) or over HTTPS.
+
+Both kinds expose the same coroutines, and both end in the same ``NodeOps`` methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import asdict
+
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+
+from ..errors import LabVMError
+from .auth import pinned_context
+from .ops import Emit, NodeOps, StartRequest
+
+
+class NodeUnreachable(LabVMError):
+    """The node's agent did not answer."""
+
+
+class NodeRefused(LabVMError):
+    """The node's agent answered with an error (its message is ours to show)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class LocalNode:
+    """The node inside the hub process."""
+
+    remote = False
+
+    def __init__(self, ops: NodeOps) -> None:
+        self.ops = ops
+        self.name = ops.config.name
+
+    async def info(self) -> dict:
+        return await asyncio.to_thread(self.ops.info)
+
+    async def start(self, req: StartRequest, emit: Emit | None = None) -> dict:
+        return await asyncio.to_thread(self.ops.start, req, emit)
+
+    async def status(self, key: str) -> dict:
+        return await asyncio.to_thread(self.ops.status, key)
+
+    async def stop(self, key: str) -> dict:
+        return await asyncio.to_thread(self.ops.stop, key)
+
+    async def sync(self, key: str) -> dict:
+        return await asyncio.to_thread(self.ops.sync, key)
+
+    async def discard(self, key: str) -> dict:
+        return await asyncio.to_thread(self.ops.discard, key)
+
+
+class RemoteNode:
+    """A node's ``labvm-node`` agent, over TLS with its pinned certificate."""
+
+    remote = True
+
+    def __init__(self, name: str, url: str, token: str, cert_pem: str,
+                 timeout_s: float = 300) -> None:
+        self.name = name
+        self.url = url.rstrip("/")
+        self._token = token
+        self._ssl = pinned_context(cert_pem)
+        self.timeout_s = timeout_s
+
+    async def _call(self, method: str, path: str, body: dict | None = None,
+                    timeout_s: float | None = None) -> dict:
+        req = HTTPRequest(
+            f"{self.url}{path}", method=method,
+            headers={"Authorization": f"Bearer {self._token}",
+                     "Content-Type": "application/json"},
+            body=json.dumps(body) if body is not None else (None if method == "GET" else "{}"),
+            ssl_options=self._ssl, connect_timeout=5,
+            request_timeout=timeout_s or self.timeout_s,
+        )
+        try:
+            resp = await AsyncHTTPClient().fetch(req)
+        except HTTPClientError as e:
+            if e.code == 599 or e.response is None:
+                raise NodeUnreachable(f"node {self.name} did not answer ({e})") from e
+            try:
+                msg = json.loads(e.response.body).get("error") or str(e)
+            except ValueError:
+                msg = str(e)
+            raise NodeRefused(f"node {self.name}: {msg}", e.code) from e
+        except OSError as e:
+            raise NodeUnreachable(f"node {self.name} did not answer ({e})") from e
+        return json.loads(resp.body)
+
+    async def info(self) -> dict:
+        return await self._call("GET", "/v1/info", timeout_s=20)
+
+    async def start(self, req: StartRequest, emit: Emit | None = None) -> dict:
+        if emit:
+            emit(40, f"Starting on node {self.name}")
+        return await self._call("POST", f"/v1/servers/{req.key}/start", asdict(req),
+                                timeout_s=req.timeout_s + 600)
+
+    async def status(self, key: str) -> dict:
+        return await self._call("GET", f"/v1/servers/{key}", timeout_s=20)
+
+    async def stop(self, key: str) -> dict:
+        return await self._call("POST", f"/v1/servers/{key}/stop")
+
+    async def sync(self, key: str) -> dict:
+        return await self._call("POST", f"/v1/servers/{key}/sync")
+
+    async def discard(self, key: str) -> dict:
+        return await self._call("POST", f"/v1/servers/{key}/discard")
+
+
+Node = LocalNode | RemoteNode
+__all__ = ["LocalNode", "RemoteNode", "Node", "NodeUnreachable", "NodeRefused"]

@@ -1,0 +1,607 @@
+"""What one node does: its Docker engine, its uppers and overlay mounts, its GPUs.
+
+``NodeOps`` is the node agent's whole engine. The ``labvm-node`` service serves it
+over HTTPS (``agent``); the one-node default calls it inside the hub process
+(``client.LocalNode``). Both go through these same methods, which are blocking
+and take and return plain JSON-able values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import docker
+import docker.errors
+
+from .. import containerspec, nvml, overlay
+from ..allocations import GpuAllocator
+from ..errors import LabVMError
+from ..images import prepare_rootfs
+from ..names import root_key
+from ..network import ensure_network
+from ..policy import Limits
+from ..storage import open_store
+from ..storage.crash import crashpoint
+from ..storage.sync import UpperSync
+from ..userns import remap_base, require_userns
+
+log = logging.getLogger("labvm.node")
+
+Emit = Callable[[int, str], None]
+
+
+@dataclass
+class NodeConfig:
+    """One node's settings (the agent's command line, or the spawner's traitlets)."""
+
+    name: str = "local"
+    docker_url: str = ""
+    state_dir: str = "/var/lib/labvm"
+    store_root: str = ""  # empty: <state_dir>/store
+    image_layer_dir: str = ""  # empty: <state_dir>/rootfs
+    db_url: str = ""  # empty: sqlite:///<state_dir>/labvm.sqlite
+    network_name: str = "labvm"
+    dev_root: str = "/dev"
+    nvidia_runtime: str = "auto"
+    gpu_sharing: bool = False
+    userns_remap_user: str = "dockremap"
+    container_uid: int = 1000
+    stop_timeout: float = 10
+    capabilities: list[str] = field(default_factory=lambda: list(containerspec.CAPABILITIES))
+    secrets_root: str = "/run/labvm/secrets"
+    publish_ip: str = ""  # empty: the hub reaches containers on the node's bridge
+    sync_interval_s: float = 10.0
+
+
+@dataclass
+class StartRequest:
+    """Everything a node needs to start one server; built by the spawner."""
+
+    key: str
+    username: str
+    server: str
+    image: str
+    cmd: list[str]
+    env: dict[str, str]
+    secrets: dict[str, str]
+    limits: dict
+    gpus: int = 0
+    model: str | None = None
+    sharing: bool = False
+    timeout_s: float = 120
+
+    @classmethod
+    def from_json(cls, data: dict) -> StartRequest:
+        try:
+            req = cls(**data)
+        except TypeError as e:
+            raise LabVMError(f"bad start request: {e}") from e
+        root_key(*_split_key(req.key))  # refuses a malformed key
+        return req
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    user, _, server = key.partition(".")
+    return user, server
+
+
+class NodeOps:
+    """The node's engine; thread-safe, one instance per node process."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.state = Path(config.state_dir)
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.client = (docker.DockerClient(base_url=config.docker_url) if config.docker_url
+                       else docker.from_env())
+        self.store = open_store(config.store_root or self.state / "store")
+        url = config.db_url or f"sqlite:///{self.state / 'labvm.sqlite'}"
+        self.allocator = GpuAllocator(url, node=config.name, sharing=config.gpu_sharing)
+        self._lock = threading.Lock()
+        self._key_locks: dict[str, threading.Lock] = {}
+        self._syncers: dict[str, UpperSync] = {}
+        self._merging: set[str] = set()
+        self._network_ip = ""
+        self.reconcile()
+
+    def reconcile(self) -> None:
+        """Free what no running container uses: GPUs, root mounts, secrets.
+
+        Runs when the node (agent or hub) starts, so one killed mid-start or mid-stop
+        leaks nothing.
+        """
+        live = self.live_keys()
+        released = self.allocator.reconcile(live)
+        for owner, uuids in released.items():
+            log.warning("released %d GPU(s) of %s: no running container", len(uuids), owner)
+        mnt = self.state / "mnt"
+        if mnt.is_dir():
+            for p in mnt.iterdir():
+                if p.name not in live and overlay.is_mounted(p):
+                    log.warning("unmounting the root of %s: no running container", p.name)
+                    overlay.unmount_root(self.paths(p.name))
+                    shutil.rmtree(Path(self.config.secrets_root) / p.name, ignore_errors=True)
+
+    # ---- helpers ---------------------------------------------------------------
+
+    def key_lock(self, key: str) -> threading.Lock:
+        with self._lock:
+            return self._key_locks.setdefault(key, threading.Lock())
+
+    def container_name(self, key: str) -> str:
+        # The node is part of the name: engines may be shared (tests).
+        return f"labvm-{self.config.name}-{key}"
+
+    def paths(self, key: str) -> overlay.RootPaths:
+        return overlay.RootPaths.for_key(self.state, key)
+
+    def _container(self, key: str):
+        try:
+            return self.client.containers.get(self.container_name(key))
+        except docker.errors.NotFound:
+            return None
+
+    def live_keys(self) -> set[str]:
+        running = self.client.containers.list(
+            filters={"label": ["labvm.key", f"labvm.node={self.config.name}"]}
+        )
+        return {c.labels["labvm.key"] for c in running}
+
+    # ---- inventory --------------------------------------------------------------
+
+    def info(self) -> dict:
+        """GPUs (with their holders), CPU and memory committed, and each server's sync."""
+        inventory = nvml.read_inventory()
+        holders = {r.uuid: r.owner for r in self.allocator.records()}
+        cpus = mem = 0.0
+        servers: dict[str, dict] = {}
+        for c in self.client.containers.list(
+            filters={"label": ["labvm.key", f"labvm.node={self.config.name}"]}
+        ):
+            hc = c.attrs.get("HostConfig", {})
+            cpus += (hc.get("NanoCpus") or 0) / 1e9
+            mem += hc.get("Memory") or 0
+            servers[c.labels["labvm.key"]] = {"running": True}
+        for key in servers:
+            servers[key]["last_synced"] = self.last_synced(key)
+        return {
+            "name": self.config.name,
+            "gpus": [dict(asdict(g), holder=holders.get(g.uuid)) for g in inventory],
+            "cpus": os.cpu_count() or 1,
+            "mem_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+            "cpus_committed": cpus,
+            "mem_committed": int(mem),
+            "servers": servers,
+        }
+
+    # ---- start ------------------------------------------------------------------
+
+    def start(self, req: StartRequest, emit: Emit | None = None) -> dict:
+        """Start the server of ``req.key``; on any failure nothing it made is left."""
+        emit = emit or (lambda p, m: log.info("%s: %s", req.key, m))
+        with self.key_lock(req.key):
+            return self._start(req, emit)
+
+    def _start(self, req: StartRequest, emit: Emit) -> dict:
+        cfg = self.config
+        key = req.key
+        limits = Limits(**req.limits)
+        inventory = nvml.read_inventory()
+        engine = require_userns(self.client)
+        shift = remap_base(cfg.userns_remap_user)
+        paths = self.paths(key)
+        undo: list[Callable[[], object]] = []
+        try:
+            emit(10, f"Allocating GPUs on node {cfg.name} ({req.gpus} requested)")
+            gpus = self.allocator.allocate(key, inventory, req.gpus, req.model, req.sharing)
+            undo.append(lambda: self.allocator.release(key))
+            if gpus:
+                emit(20, "Allocated GPU(s) " + ", ".join(str(g.index) for g in gpus))
+
+            emit(30, "Preparing the image layer")
+            image_layer = prepare_rootfs(
+                self.client, req.image,
+                Path(cfg.image_layer_dir or self.state / "rootfs"), shift,
+            )
+            self._remove_container(key)
+            took_over = self._own_upper(key, emit)
+            crashpoint("node.start.owned")
+            layers = self.store.layers(key)
+
+            emit(50, f"Mounting root filesystem ({len(layers)} stored layer(s))")
+            overlay.mount_root(paths, [*layers, image_layer], shift)
+            undo.append(lambda: overlay.unmount_root(paths))
+            (paths.upper.parent / "synced-clean").unlink(missing_ok=True)
+            crashpoint("node.start.mounted")
+
+            secrets_dir = self._write_secrets(key, shift, req.secrets)
+            undo.append(lambda: shutil.rmtree(secrets_dir, ignore_errors=True))
+
+            emit(70, "Starting container")
+            spec = self._server_spec(req, paths, limits, gpus, secrets_dir, engine)
+            container = self.client.containers.create(**containerspec.build(spec))
+            undo.append(lambda: self._remove_container(key))
+            container.start()
+            ip, port = self._address(container)
+            emit(80, "Container running; waiting for Jupyter")
+            self._wait_for_server(container, req.timeout_s)
+            emit(90, "Jupyter is listening")
+        except BaseException:
+            for step in reversed(undo):
+                try:
+                    step()
+                except Exception:
+                    log.exception("cleanup after a failed start of %s", key)
+            raise
+        self._start_syncing(key)
+        if took_over and self.store.pending(key):
+            self._merge_later(key)
+        return {"ip": ip, "port": port, "container_id": container.id, "node": cfg.name,
+                "gpus": [g.index for g in gpus]}
+
+    def _own_upper(self, key: str, emit: Emit) -> bool:
+        """Reuse this node's upper if it is the live one; else take the key over.
+
+        Returns True when this start took the key over from another node (or from an
+        older generation of this one), with a fresh upper.
+        """
+        paths = self.paths(key)
+        base = paths.upper.parent
+        gen_file = base / "gen"
+        owner = self.store.owner(key)
+        local = _read_int(gen_file)
+        if owner is not None and owner[0] == self.config.name and (
+                local == owner[1] or (local is None and not _has_entries(paths.upper))):
+            gen_file.write_text(f"{owner[1]}\n")
+            return False
+        if owner is None and local is None:
+            # First start under ownership tracking: this node's upper (if any) is live.
+            base.mkdir(parents=True, exist_ok=True)
+            gen_file.write_text(f"{self.store.take_over(key, self.config.name)}\n")
+            return False
+        emit(40, f"Taking over {key}'s root from node {owner[0] if owner else '?'}")
+        self._set_aside(key)
+        gen = self.store.take_over(key, self.config.name)
+        base.mkdir(parents=True, exist_ok=True)
+        gen_file.write_text(f"{gen}\n")
+        return True
+
+    def _set_aside(self, key: str) -> None:
+        """Move a stale upper out of the way: dropped if fully synced, else kept aside."""
+        paths = self.paths(key)
+        base = paths.upper.parent
+        if not base.exists():
+            return
+        if (base / "synced-clean").exists() or not _has_entries(paths.upper):
+            shutil.rmtree(base)
+            return
+        aside = self.state / "uppers-aside" / f"{key}-{int(time.time())}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(base, aside)
+        log.warning("%s: a stale upper with unsynced changes was kept at %s", key, aside)
+
+    def _server_spec(self, req: StartRequest, paths, limits, gpus, secrets_dir,
+                     engine: dict) -> containerspec.ServerSpec:
+        cfg = self.config
+        if not self._network_ip:
+            self._network_ip = ensure_network(self.client, cfg.network_name)
+        runtime = (cfg.nvidia_runtime == "on" if cfg.nvidia_runtime != "auto"
+                   else "nvidia" in (engine.get("Runtimes") or {}))
+        return containerspec.ServerSpec(
+            name=self.container_name(req.key),
+            image=req.image,
+            key=req.key,
+            username=req.username,
+            merged=paths.merged,
+            top_dirs=overlay.top_level_dirs(paths.merged, containerspec.EPHEMERAL),
+            cmd=list(req.cmd),
+            env=dict(req.env),
+            limits=limits,
+            gpus=gpus,
+            device_paths=nvml.device_paths(gpus, cfg.dev_root) if gpus else [],
+            nvidia_runtime=runtime,
+            network=cfg.network_name,
+            secrets_dir=secrets_dir,
+            io_device=_block_device(paths.upper),
+            uid=cfg.container_uid,
+            capabilities=tuple(cfg.capabilities),
+            init_path=shutil.which("docker-init") or shutil.which("tini"),
+            labels={"labvm.node": cfg.name, "labvm.server": req.server},
+            publish_ip=cfg.publish_ip or None,
+        )
+
+    def _write_secrets(self, key: str, owner: int, secrets: dict[str, str]) -> Path:
+        root = Path(self.config.secrets_root)
+        _ensure_tmpfs(root)
+        d = root / key
+        d.mkdir(mode=0o500, exist_ok=True)
+        env_file = d / "env"
+        body = "".join(f"{k}={_shell_quote(v)}\n" for k, v in secrets.items())
+        fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o400)
+        with os.fdopen(fd, "w") as f:
+            f.write(body)
+        os.chown(env_file, owner, owner)
+        os.chown(d, owner, owner)
+        return d
+
+    def _address(self, container) -> tuple[str, int]:
+        """Where the hub reaches Jupyter: the published node port, or the bridge IP."""
+        for _ in range(100):
+            container.reload()
+            if container.status == "exited":
+                logs = container.logs(tail=20).decode(errors="replace")
+                raise LabVMError(f"the container exited at start:\n{logs}")
+            net = container.attrs["NetworkSettings"]
+            if self.config.publish_ip:
+                bound = (net.get("Ports") or {}).get(f"{containerspec.SERVER_PORT}/tcp")
+                if bound:
+                    return self.config.publish_ip, int(bound[0]["HostPort"])
+            else:
+                ip = (net["Networks"].get(self.config.network_name) or {}).get("IPAddress")
+                if ip:
+                    return ip, containerspec.SERVER_PORT
+            time.sleep(0.1)
+        raise LabVMError("the container got no network address")
+
+    def _wait_for_server(self, container, timeout_s: float) -> None:
+        """Return once Jupyter accepts connections; raise if the container dies first.
+
+        Probed on the container's own bridge address, from this node.
+        """
+        ip = container.attrs["NetworkSettings"]["Networks"][self.config.network_name][
+            "IPAddress"]
+        deadline = time.monotonic() + min(timeout_s, 120)
+        checked = time.monotonic()
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((ip, containerspec.SERVER_PORT), timeout=1).close()
+                return
+            except OSError:
+                pass
+            if time.monotonic() - checked > 0.5:
+                checked = time.monotonic()
+                container.reload()
+                if container.status != "running":
+                    logs = container.logs(tail=30).decode(errors="replace")
+                    raise LabVMError(f"the server's container stopped while starting:\n{logs}")
+            time.sleep(0.05)
+        # Not our call to give up: the hub's own http_timeout decides.
+        log.warning("%s: Jupyter not listening yet; leaving it to the hub", container.name)
+
+    # ---- status, stop ---------------------------------------------------------------
+
+    def status(self, key: str) -> dict:
+        c = self._container(key)
+        state = "missing"
+        code = None
+        if c is not None:
+            running = c.status in ("running", "created", "restarting")
+            state = "running" if running else "exited"
+            code = None if running else int(c.attrs.get("State", {}).get("ExitCode", 0) or 0)
+        paths = self.paths(key)
+        return {"state": state, "exit_code": code, "last_synced": self.last_synced(key),
+                "synced_clean": (paths.upper.parent / "synced-clean").exists()}
+
+    def stop(self, key: str) -> dict:
+        """Stop and remove the container, sync the upper one last time, free everything.
+
+        The upper stays on this node for a fast restart; its final sync is marked
+        clean so that a node taking the key over knows nothing is only here.
+        """
+        with self.key_lock(key):
+            self._remove_container(key)
+            synced = False
+            try:
+                synced = self._sync_locked(key, final=True)
+            except Exception:
+                log.exception("%s: the final sync failed; the upper stays here", key)
+            crashpoint("node.stop.synced")
+            paths = self.paths(key)
+            overlay.unmount_root(paths)
+            shutil.rmtree(Path(self.config.secrets_root) / key, ignore_errors=True)
+            released = self.allocator.release(key)
+            if released:
+                log.info("released GPU(s) %s of %s", ", ".join(released), key)
+            return {"synced": synced, "last_synced": self.last_synced(key)}
+
+    def discard(self, key: str) -> dict:
+        """Drop this node's copy of a key that another node now owns (after a migration)."""
+        with self.key_lock(key):
+            if self._container(key) is not None or overlay.is_mounted(self.paths(key).merged):
+                raise LabVMError(f"{key} is still running on node {self.config.name}")
+            owner = self.store.owner(key)
+            if owner is not None and owner[0] == self.config.name:
+                mine = _read_int(self.paths(key).upper.parent / "gen")
+                if mine == owner[1]:
+                    raise LabVMError(f"{key}'s live upper is on node {self.config.name}")
+            self._set_aside(key)
+            return {"discarded": True}
+
+    def _remove_container(self, key: str) -> None:
+        c = self._container(key)
+        if c is None:
+            return
+        try:
+            c.stop(timeout=int(self.config.stop_timeout))
+        except docker.errors.APIError:
+            pass
+        c.remove(force=True)
+
+    # ---- background sync -----------------------------------------------------------
+
+    def last_synced(self, key: str) -> float | None:
+        try:
+            with open(self.store.key_dir(key) / "synced.json", encoding="utf-8") as f:
+                return float(json.load(f)["t"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _start_syncing(self, key: str) -> None:
+        with self._lock:
+            if key not in self._syncers:
+                try:
+                    self._syncers[key] = UpperSync(self.paths(key).upper,
+                                                   self.store.sync_path(key))
+                except OSError:
+                    log.exception("%s: cannot watch the upper; it syncs by full scans", key)
+                    self._syncers[key] = UpperSync(self.paths(key).upper,
+                                                   self.store.sync_path(key), journal=False)
+
+    def sync(self, key: str) -> dict:
+        """Sync the key's upper to the store now (while it runs, or after it stopped)."""
+        crashpoint("node.sync")
+        with self.key_lock(key):
+            ok = self._sync_locked(key, final=self._container(key) is None)
+        return {"synced": ok, "last_synced": self.last_synced(key)}
+
+    def _sync_locked(self, key: str, final: bool) -> bool:
+        paths = self.paths(key)
+        if not paths.upper.is_dir():
+            return False
+        owner = self.store.owner(key)
+        mine = _read_int(paths.upper.parent / "gen")
+        if owner is None or owner != (self.config.name, mine):
+            # Another node took this key over: this upper is no longer the live one.
+            self._drop_syncer(key)
+            return False
+        with self._lock:
+            syncer = self._syncers.get(key)
+        registered = syncer is not None
+        if syncer is None:
+            syncer = UpperSync(paths.upper, self.store.sync_path(key), journal=not final)
+            if not final:
+                with self._lock:
+                    self._syncers[key] = syncer
+        t = time.time()
+        stats = syncer.sync()
+        syncer.save_index()
+        _write_json(self.store.key_dir(key) / "synced.json",
+                    {"t": t, "node": self.config.name, "gen": mine, "changed": stats.changed})
+        if final:
+            if registered:
+                self._drop_syncer(key)
+            else:
+                syncer.close()
+            (paths.upper.parent / "synced-clean").write_text(f"{t}\n")
+        return True
+
+    def _drop_syncer(self, key: str) -> None:
+        with self._lock:
+            syncer = self._syncers.pop(key, None)
+        if syncer is not None:
+            syncer.close()
+
+    def sync_running(self) -> None:
+        """One round of background sync over every running server of this node."""
+        for key in sorted(self.live_keys()):
+            lock = self.key_lock(key)
+            if not lock.acquire(blocking=False):
+                continue  # a start, stop or explicit sync is busy with it
+            try:
+                owner = self.store.owner(key)
+                if owner is not None and owner[0] != self.config.name:
+                    # Fenced: another node took this root over (an evacuation while we
+                    # were unreachable). This copy must not run on, nor sync.
+                    log.warning("%s: now owned by node %s; stopping the stale copy here",
+                                key, owner[0])
+                    self._remove_container(key)
+                    self._drop_syncer(key)
+                    overlay.unmount_root(self.paths(key))
+                    self.allocator.release(key)
+                    continue
+                self._sync_locked(key, final=False)
+            except Exception:
+                log.exception("%s: background sync failed", key)
+            finally:
+                lock.release()
+
+    def _merge_later(self, key: str) -> None:
+        """Merge the frozen layers of a key taken over into a new version, off-path."""
+        with self._lock:
+            if key in self._merging:
+                return
+            self._merging.add(key)
+
+        def run() -> None:
+            try:
+                made = self.store.merge_pending(key)
+                log.info("%s: merged taken-over layers into version(s) %s", key, made)
+            except Exception:
+                log.exception("%s: merging the taken-over layers failed; retried at the "
+                              "next take-over", key)
+            finally:
+                with self._lock:
+                    self._merging.discard(key)
+
+        threading.Thread(target=run, name=f"merge-{key}", daemon=True).start()
+
+    def wait_merges(self, timeout_s: float = 600) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self._merging and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        with self._lock:
+            syncers = list(self._syncers.values())
+            self._syncers.clear()
+        for s in syncers:
+            s.close()
+        self.allocator.close()
+        self.client.close()
+
+
+def _has_entries(path: Path) -> bool:
+    try:
+        return any(os.scandir(path))
+    except FileNotFoundError:
+        return False
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def _shell_quote(value: str) -> str:
+    return "'" + value.replace("'", "'\"'\"'") + "'"
+
+
+def _ensure_tmpfs(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not overlay.is_mounted(path):
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0711", "labvm-secrets",
+                        str(path)], check=True)
+
+
+def _block_device(path: Path) -> str | None:
+    """The block device node holding ``path``, for Docker's per-device IO limits.
+
+    Throttling applies to whole disks, so a partition resolves to its disk.
+    """
+    dev = os.stat(path).st_dev
+    sys_dev = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    if not sys_dev.exists():
+        return None  # not a block device (tmpfs, overlay on a virtual fs)
+    target = sys_dev.resolve()
+    if (target / "partition").exists():
+        target = target.parent
+    node = Path("/dev") / target.name
+    return str(node) if node.exists() else None

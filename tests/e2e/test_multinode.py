@@ -1,0 +1,366 @@
+"""Two nodes, one hub: placement, background sync, migration, evacuation, faults.
+
+The real test bed (``tests/testbed.py``): nodes a and b in their own network
+namespaces with their own dockerd and labvm-node agent, the layer store on MooseFS,
+the hub in the root namespace. Everything a user checks is checked through the
+hub: Jupyter kernels in their server, the admin service's REST API and pages.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+from conftest import TEST_ROOT
+from jupyter_exec import run
+
+pytestmark = pytest.mark.e2e
+
+PORT = 22000
+ADMIN = "/services/labvm-monitor/"
+
+
+@pytest.fixture(scope="module")
+def testbed(moosefs, labvm_image, fake_gpu_dev, chp, docker_client):
+    from testbed import Testbed
+
+    tb = Testbed(moosefs, labvm_image, TEST_ROOT / f"testbed-{int(time.time())}")
+    try:
+        tb.up()
+        yield tb
+    finally:
+        tb.down()
+
+
+@pytest.fixture(scope="module")
+def hub(testbed):
+    h = testbed.hub(testbed.work / "hubbase", PORT)
+    h.start()
+    h.create_user("boss")
+    h.boss = h.user_token("boss")
+    yield h
+    for user in h.api("GET", "/users").json():
+        for name in list(user.get("servers", {})):
+            h.api("DELETE", h.server_path(user["name"], name))
+    time.sleep(3)
+    h.stop()
+
+
+def admin(hub, method: str, path: str, token: str | None = None, **kw) -> requests.Response:
+    return requests.request(method, f"{hub.url}{ADMIN}{path}", timeout=60,
+                            headers={"Authorization": f"token {token or hub.boss}"}, **kw)
+
+
+def migrate(hub, user: str, node: str, timeout: float = 300) -> dict:
+    r = admin(hub, "POST", "api/admin/migrate", json={"user": user, "node": node})
+    assert r.status_code == 202, r.text
+    mid = r.json()["id"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = admin(hub, "GET", f"api/admin/migrations/{mid}").json()
+        if m["state"] != "running":
+            return m
+        time.sleep(0.5)
+    raise AssertionError(f"migration {mid} did not finish: {m}")
+
+
+def node_of(testbed, key: str) -> str | None:
+    """The node whose engine runs this root's container (asserting there is one at most)."""
+    found = []
+    for n in ("a", "b"):
+        running = testbed.docker(n).containers.list(filters={"label": f"labvm.key={key}"})
+        found += [n] * len(running)
+    assert len(found) <= 1, found
+    return found[0] if found else None
+
+
+def wait_synced(testbed, key: str, after: float, timeout: float = 30) -> None:
+    path = testbed.store / key / "synced.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if json.loads(path.read_text())["t"] > after:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{key} not synced since {after}")
+
+
+# What a user does in their server before a move, and how to check it after.
+# /etc/issue.net and /etc/motd come with the image; /home is the user's own.
+CHANGES = r"""
+set -e
+sudo -n sh -c 'apt-get update -qq >/dev/null && apt-get install -y -qq hello >/dev/null'
+mkdir -p ~/proj/sub && cd ~/proj
+echo "keep me" > keep.txt
+echo "old name" > before.txt && mv before.txt after.txt
+echo "doomed" > doomed.txt && rm doomed.txt
+seq 1 100000 > sub/big.txt
+chmod 751 sub && chmod 600 keep.txt
+python3 -c 'import os; os.setxattr("keep.txt", "user.labvm", b"tagged")'
+sudo -n rm /etc/issue.net
+sudo -n mv /etc/motd /etc/motd.moved
+sudo -n sh -c 'echo edited >> /etc/debian_version'
+"""
+
+CHECK = r"""
+set -e
+cd ~/proj
+hello | grep -q 'Hello, world!'
+test "$(cat keep.txt)" = "keep me"
+test "$(cat after.txt)" = "old name"
+test ! -e before.txt && test ! -e doomed.txt
+test "$(wc -l < sub/big.txt)" = 100000
+test "$(stat -c %a sub)" = 751 && test "$(stat -c %a keep.txt)" = 600
+python3 -c 'import os; assert os.getxattr("keep.txt", "user.labvm") == b"tagged"'
+test ! -e /etc/issue.net && test ! -e /etc/motd && test -e /etc/motd.moved
+tail -1 /etc/debian_version | grep -q edited
+echo ALL-GOOD
+"""
+
+
+def test_migration_moves_everything_and_deletions_stay(testbed, hub):
+    hub.create_user("alice")
+    hub.spawn("alice", {"gpus": 1}, timeout=300)
+    home = node_of(testbed, "alice")
+    assert home in ("a", "b")
+    other = "b" if home == "a" else "a"
+    rc, out = run(hub, "alice", CHANGES)
+    assert rc == 0, out
+    rc, out = run(hub, "alice", CHECK)
+    assert rc == 0 and "ALL-GOOD" in out, out
+
+    # Background sync shows in the admin state ("last synced").
+    t = time.time()
+    wait_synced(testbed, "alice", t)
+    state = admin(hub, "GET", "api/admin/state").json()
+    assert state["placements"]["alice"] == home
+
+    # A change right before the move: only the final sync can carry it.
+    rc, out = run(hub, "alice", "echo late > ~/proj/late.txt")
+    assert rc == 0, out
+    m = migrate(hub, "alice", other)
+    assert m["state"] == "done", m
+    assert m["downtime_s"] and m["downtime_s"] > 0
+    assert node_of(testbed, "alice") == other
+
+    rc, out = run(hub, "alice", CHECK + "test \"$(cat ~/proj/late.txt)\" = late\n")
+    assert rc == 0 and "ALL-GOOD" in out, out
+    # The GPU moved too: one of the target's, and the source holds none for alice.
+    c = testbed.docker(other).containers.get(f"labvm-{other}-alice")
+    env = c.exec_run(["sh", "-c", "cat /proc/1/environ | tr '\\0' '\\n'"]).output.decode()
+    info = testbed.records()[other]["info"]
+    mine = [g["uuid"] for g in info["gpus"] if g["holder"] == "alice"]
+    assert len(mine) == 1 and f"CUDA_VISIBLE_DEVICES={mine[0]}" in env
+    assert all(g["holder"] != "alice" for g in testbed.records()[home]["info"]["gpus"])
+    # Nothing of alice is left on the source: no container, no mount, no upper.
+    assert not (testbed.state(home) / "mnt" / "alice").is_mount()
+    assert not (testbed.state(home) / "uppers" / "alice").exists()
+
+    # The stacked layer is merged into a new version off the critical path.
+    from labvm_spawner.storage import open_store
+
+    store = open_store(testbed.store)
+    deadline = time.monotonic() + 300
+    while store.pending("alice") and time.monotonic() < deadline:
+        time.sleep(1)
+    assert store.pending("alice") == [] and store.pending("alice", merged=True)
+
+    # A stopped server moves too, and starts on its new node with everything.
+    hub.unspawn("alice")
+    m = migrate(hub, "alice", home)
+    assert m["state"] == "done", m
+    hub.spawn("alice", {"gpus": 1}, timeout=300)
+    assert node_of(testbed, "alice") == home
+    rc, out = run(hub, "alice", CHECK)
+    assert rc == 0 and "ALL-GOOD" in out, out
+    hub.unspawn("alice")
+
+
+def _placements(hub) -> dict:
+    return admin(hub, "GET", "api/admin/state").json()["placements"]
+
+
+def test_bad_migrations_are_refused_and_change_nothing(testbed, hub):
+    for u in ("dave", "erin", "fred"):
+        hub.create_user(u)
+    hub.spawn("dave", {"gpus": 2}, timeout=300)
+    home = node_of(testbed, "dave")
+    other = "b" if home == "a" else "a"
+    before = _placements(hub)
+    migrations_before = len(admin(hub, "GET", "api/admin/migrations").json()["migrations"])
+
+    def refused(body: dict, status: int, match: str, token: str | None = None) -> None:
+        r = admin(hub, "POST", "api/admin/migrate", token=token, json=body)
+        assert r.status_code == status, r.text
+        if match:
+            assert match in r.json().get("error", ""), r.text
+
+    refused({"user": "dave", "node": "nowhere"}, 400, "no node 'nowhere'")
+    refused({"user": "nobody", "node": other}, 400, "no user 'nobody'")
+    refused({"user": "dave", "node": home}, 400, "already on node")
+    refused({"user": "dave", "node": other}, 403, "", token=hub.user_token("erin"))
+    # The target's two GPUs go to erin (pinned there): dave's two cannot follow.
+    pin = admin(hub, "POST", "api/admin/pin", json={"user": "erin", "node": other})
+    assert pin.ok, pin.text
+    hub.spawn("erin", {"gpus": 2}, timeout=300)
+    assert node_of(testbed, "erin") == other
+    refused({"user": "dave", "node": other}, 400, "GPU")
+    hub.unspawn("erin")
+
+    # Twice at once: the second is refused while the first runs.
+    r1 = admin(hub, "POST", "api/admin/migrate", json={"user": "dave", "node": other})
+    assert r1.status_code == 202, r1.text
+    refused({"user": "dave", "node": other}, 400, "already being migrated")
+    mid = r1.json()["id"]
+    deadline = time.monotonic() + 300
+    while admin(hub, "GET", f"api/admin/migrations/{mid}").json()["state"] == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert node_of(testbed, "dave") == other
+
+    # A down node: its agent stops answering, it is shown down, and refused as a target.
+    testbed.kill_agent(home)
+    testbed.wait_down(home)
+    nodes = {n["name"]: n for n in admin(hub, "GET", "api/admin/state").json()["cluster_nodes"]}
+    assert nodes[home]["up"] is False and nodes[other]["up"] is True
+    refused({"user": "dave", "node": home}, 400, "down")
+    testbed.start_agent(home)
+    testbed.wait_up(home)
+
+    after = _placements(hub)
+    assert {k: v for k, v in after.items() if k not in ("dave", "erin")} == \
+        {k: v for k, v in before.items() if k not in ("dave", "erin")}
+    migrations = admin(hub, "GET", "api/admin/migrations").json()["migrations"]
+    assert len(migrations) == migrations_before + 1  # only the one that was accepted
+    hub.unspawn("dave")
+
+
+def test_cli_migrates_and_refuses(testbed, hub):
+    hub.create_user("hank")
+    hub.spawn("hank", timeout=300)
+    home = node_of(testbed, "hank")
+    other = "b" if home == "a" else "a"
+    env = {"LABVM_ADMIN_URL": f"{hub.url}{ADMIN}", "JUPYTERHUB_API_TOKEN": hub.boss,
+           "PATH": "/usr/bin:/bin"}
+    cli = [sys.executable, "-m", "labvm_spawner.cli", "migrate"]
+    bad = subprocess.run(cli + ["hank", "nowhere"], env=env, capture_output=True, text=True)
+    assert bad.returncode == 1 and "nowhere" in bad.stderr, bad
+    ok = subprocess.run(cli + ["hank", other], env=env, capture_output=True, text=True,
+                        timeout=600)
+    assert ok.returncode == 0, ok
+    assert node_of(testbed, "hank") == other
+    hub.unspawn("hank")
+
+
+def test_evacuation_from_a_dead_node_keeps_what_was_synced(testbed, hub):
+    hub.create_user("ivy")
+    hub.spawn("ivy", timeout=300)
+    home = node_of(testbed, "ivy")
+    other = "b" if home == "a" else "a"
+    rc, out = run(hub, "ivy", "echo synced > ~/before-crash.txt")
+    assert rc == 0, out
+    wait_synced(testbed, "ivy", time.time())
+    # The node is gone: its agent and its engine die (the container with them).
+    testbed.kill_agent(home)
+    testbed.kill_dockerd(home)
+    testbed.wait_down(home)
+    m = migrate(hub, "ivy", other)
+    assert m["state"] == "done", m
+    assert "down" in json.dumps(admin(hub, "GET", "api/admin/migrations").json())
+    assert node_of_alive(testbed, "ivy", other)
+    rc, out = run(hub, "ivy", "cat ~/before-crash.txt")
+    assert rc == 0 and "synced" in out, out
+    # The node comes back: the stale copy does not run there, nor overwrite the store.
+    testbed.start_dockerd(home)
+    testbed.start_agent(home)
+    testbed.wait_up(home)
+    deadline = time.monotonic() + 60
+    while testbed.docker(home).containers.list(filters={"label": "labvm.key=ivy"}):
+        assert time.monotonic() < deadline, "the stale copy still runs on the old node"
+        time.sleep(1)
+    rc, out = run(hub, "ivy", "cat ~/before-crash.txt")
+    assert rc == 0 and "synced" in out, out
+    hub.unspawn("ivy")
+
+
+def node_of_alive(testbed, key: str, n: str) -> bool:
+    return bool(testbed.docker(n).containers.list(filters={"label": f"labvm.key={key}"}))
+
+
+FAULTS = [
+    ("source", "node.sync"),          # the source agent dies syncing the running server
+    ("source", "node.stop.synced"),   # ... right after the final sync, mid-stop
+    ("target", "node.start.owned"),   # the target agent dies having taken the root over
+    ("target", "node.start.mounted"),  # ... with the root mounted and GPUs allocated
+    ("target", "dockerd"),            # the target's dockerd dies while it starts
+]
+
+
+@pytest.mark.parametrize("who,point", FAULTS)
+def test_kill_9_during_migration_loses_nothing(testbed, hub, who, point):
+    user = f"k{FAULTS.index((who, point))}"
+    hub.create_user(user)
+    hub.spawn(user, {"gpus": 1}, timeout=300)
+    home = node_of(testbed, user)
+    other = "b" if home == "a" else "a"
+    victim = home if who == "source" else other
+    rc, out = run(hub, user, "mkdir -p ~/w && seq 1 5000 > ~/w/data && sudo -n rm /etc/motd")
+    assert rc == 0, out
+    if point != "dockerd":
+        testbed.kill_agent(victim, signal.SIGTERM)
+        testbed.start_agent(victim, crash_at=point)
+        testbed.wait_up(victim)
+    r = admin(hub, "POST", "api/admin/migrate", json={"user": user, "node": other})
+    assert r.status_code == 202, r.text
+    mid = r.json()["id"]
+    if point == "dockerd":
+        deadline = time.monotonic() + 120
+        while "starting" not in admin(hub, "GET", f"api/admin/migrations/{mid}").json()["step"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        testbed.kill_dockerd(victim)
+    else:
+        assert testbed.agent_died(victim, 120), f"agent {victim} did not reach {point}"
+    deadline = time.monotonic() + 300
+    while (m := admin(hub, "GET", f"api/admin/migrations/{mid}").json())["state"] == "running":
+        assert time.monotonic() < deadline, m
+        time.sleep(0.5)
+    # Bring the victim back, as an admin would.
+    if point == "dockerd":
+        testbed.start_dockerd(victim)
+    else:
+        testbed.start_agent(victim)
+    testbed.wait_up(victim)
+    # The server can be started (wherever the migration left it), with all its data.
+    model = hub.api("GET", f"/users/{user}").json()
+    if not (model["servers"].get("") or {}).get("ready"):
+        if model["servers"].get(""):
+            hub.unspawn(user)
+        hub.spawn(user, {"gpus": 1}, timeout=300)
+    rc, out = run(hub, user, "test \"$(wc -l < ~/w/data)\" = 5000 && test ! -e /etc/motd "
+                  "&& echo INTACT")
+    assert rc == 0 and "INTACT" in out, (m, out)
+    # Nothing held on the node that does not run it: no mount, no GPU.
+    where = node_of(testbed, user)
+    spare = "b" if where == "a" else "a"
+    assert not (testbed.state(spare) / "mnt" / user).is_mount()
+    held = [g for g in testbed.records()[spare]["info"]["gpus"] if g["holder"] == user]
+    assert held == []
+    hub.unspawn(user)
+
+
+def test_admin_pages_are_admin_only(testbed, hub):
+    hub.create_user("judy")
+    token = hub.user_token("judy")
+    for path in ("api/admin/state", "api/admin/migrations"):
+        assert admin(hub, "GET", path, token=token).status_code == 403
+        assert admin(hub, "GET", path).status_code == 200
+    r = requests.get(f"{hub.url}{ADMIN}api/admin/state", timeout=30, allow_redirects=False)
+    assert r.status_code in (302, 401, 403)

@@ -1,0 +1,248 @@
+"""A two-node LabVM test bed on this machine, for the multi-node tests and benchmark.
+
+Each node is a network namespace with its own address, its own dockerd (started by
+``scripts/testbed.sh`` with nsenter --net), its own local disk directory and its
+own ``labvm-node`` agent. The layer store and the node registry live on a real
+MooseFS (``scripts/moosefs.sh``); the hub runs in the root namespace. NVML is faked
+at the pynvml boundary inside each agent: node a has GPUs 0-1 of the DGX fixture,
+node b GPUs 2-3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import docker
+from hubharness import Hub
+
+REPO = Path(__file__).resolve().parent.parent
+TESTBED_SH = REPO / "scripts" / "testbed.sh"
+FIXTURES = REPO / "tests" / "fixtures"
+NODE_STATE = Path("/var/lib/labvm-testbed")
+NODE_RUN = Path("/run/labvm-testbed")
+HUB_IP = "10.78.0.1"
+NODE_IP = {"a": "10.78.0.11", "b": "10.78.0.12"}
+AGENT_PORT = 8741
+GPUS = {"a": [0, 1], "b": [2, 3]}
+
+_SHIM = """
+import sys
+sys.path.insert(0, {tests!r})
+import fake_nvml
+fake_nvml.install({fixture!r})
+from labvm_spawner.node.agent import main
+main(sys.argv[1:])
+"""
+
+
+def _run(*cmd: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(list(cmd), capture_output=True, text=True, **kw)
+
+
+class Testbed:
+    """Nodes a and b, their agents, and a store and registry on MooseFS."""
+
+    def __init__(self, mfs_dir: Path, image: str, work: Path, down_after_s: float = 6) -> None:
+        self.image = image
+        self.work = work
+        self.root = mfs_dir / f"testbed-{uuid.uuid4().hex[:8]}"
+        self.store = self.root / "store"
+        self.registry = self.root / "registry"
+        self.key_file = work / "node.key"
+        self.down_after_s = down_after_s
+        self.agents: dict[str, subprocess.Popen] = {}
+        self.crash_at: dict[str, str] = {}
+
+    # ---- nodes -------------------------------------------------------------
+
+    def sock(self, n: str) -> str:
+        return f"unix://{NODE_RUN / n / 'docker.sock'}"
+
+    def docker(self, n: str) -> docker.DockerClient:
+        return docker.DockerClient(base_url=self.sock(n), timeout=120)
+
+    def state(self, n: str) -> Path:
+        return NODE_STATE / n / "labvm"
+
+    def up(self) -> None:
+        from labvm_spawner.node import auth
+
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.store.mkdir(parents=True)
+        self.registry.mkdir()
+        r = _run("bash", str(TESTBED_SH), "up", "a", "b", timeout=300)
+        if r.returncode != 0:
+            raise RuntimeError(f"testbed.sh up failed:\n{r.stdout}\n{r.stderr}")
+        auth.make_key(self.key_file)
+        key = auth.load_key(self.key_file)
+        for n in NODE_IP:
+            self.load_image(n)
+            (self.work / f"{n}.token-hash").write_text(
+                auth.token_hash(auth.node_token(key, n)) + "\n")
+            devices = json.loads((FIXTURES / "nvml_dgx_a100.json").read_text())
+            devices["devices"] = [devices["devices"][i] for i in GPUS[n]]
+            (self.work / f"{n}-nvml.json").write_text(json.dumps(devices))
+            self.start_agent(n)
+        for n in NODE_IP:
+            self.wait_up(n)
+
+    def load_image(self, n: str) -> None:
+        """Copy the user image into the node's engine (no registry here): save | load."""
+        host = docker.from_env()
+        want = host.images.get(self.image).id
+        node = self.docker(n)
+        try:
+            if node.images.get(self.image).id == want:
+                return
+        except docker.errors.ImageNotFound:
+            pass
+        save = subprocess.Popen(["docker", "save", self.image], stdout=subprocess.PIPE)
+        load = subprocess.run(["docker", "-H", self.sock(n), "load"], stdin=save.stdout,
+                              capture_output=True, text=True)
+        save.wait()
+        if save.returncode or load.returncode:
+            raise RuntimeError(f"loading {self.image} into node {n} failed: {load.stderr}")
+
+    def agent_log(self, n: str) -> Path:
+        return self.work / f"agent-{n}.log"
+
+    def start_agent(self, n: str, crash_at: str = "") -> None:
+        env = dict(os.environ, LABVM_NODE_DOWN_AFTER_S=str(self.down_after_s))
+        env.pop("LABVM_CRASH_AT", None)
+        if crash_at:
+            env["LABVM_CRASH_AT"] = crash_at
+        shim = _SHIM.format(tests=str(REPO / "tests"), fixture=str(self.work / f"{n}-nvml.json"))
+        args = [
+            "--name", n, "--listen", f"{NODE_IP[n]}:{AGENT_PORT}",
+            "--url", f"https://{NODE_IP[n]}:{AGENT_PORT}",
+            "--token-hash-file", str(self.work / f"{n}.token-hash"),
+            "--registry-dir", str(self.registry), "--heartbeat", "1",
+            "--docker-url", self.sock(n), "--state-dir", str(self.state(n)),
+            "--store-root", str(self.store), "--publish-ip", NODE_IP[n],
+            "--secrets-root", str(NODE_RUN / n / "secrets"), "--sync-interval", "2",
+        ]
+        log = open(self.agent_log(n), "a")
+        self.agents[n] = subprocess.Popen(
+            ["nsenter", f"--net=/var/run/netns/labvm-{n}", sys.executable, "-c", shim, *args],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def records(self) -> dict[str, dict]:
+        from labvm_spawner.node import registry
+
+        return registry.read_records(self.registry, self.down_after_s)
+
+    def wait_up(self, n: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        start = time.time()
+        while time.monotonic() < deadline:
+            rec = self.records().get(n)
+            if rec and rec["up"] and rec["t"] > start - 0.5:
+                return
+            proc = self.agents.get(n)
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"agent {n} exited:\n{self.agent_log(n).read_text()[-3000:]}")
+            time.sleep(0.3)
+        raise RuntimeError(f"agent {n} did not register:\n{self.agent_log(n).read_text()[-3000:]}")
+
+    def wait_down(self, n: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rec = self.records().get(n)
+            if rec and not rec["up"]:
+                return
+            time.sleep(0.3)
+        raise RuntimeError(f"node {n} still counts as up")
+
+    def kill_agent(self, n: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.agents.pop(n, None)
+        if proc is None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        proc.wait(30)
+
+    def agent_died(self, n: str, timeout: float = 60) -> bool:
+        proc = self.agents.get(n)
+        if proc is None:
+            return True
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        self.agents.pop(n, None)
+        return True
+
+    def kill_dockerd(self, n: str) -> None:
+        pid = int((NODE_RUN / n / "dockerd.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(100):
+            if not Path(f"/proc/{pid}").exists():
+                return
+            time.sleep(0.1)
+
+    def start_dockerd(self, n: str) -> None:
+        r = _run("bash", str(TESTBED_SH), "up", n, timeout=300)
+        if r.returncode != 0:
+            raise RuntimeError(f"restarting dockerd of {n} failed:\n{r.stderr}")
+
+    def hub(self, base: Path, port: int, env: dict[str, str] | None = None) -> Hub:
+        """A hub (not started) with no node of its own, using nodes a and b."""
+        state = base / "state"
+        state.mkdir(parents=True)
+        (base / "monitor-procs.json").write_text("{}")
+        return Hub(base / "hub", state, Path("/dev"), port=port, env={
+            "LABVM_TEST_NODE": "hub",
+            "LABVM_TEST_ROOTFS": str(base / "rootfs"),
+            "LABVM_TEST_IMAGE": self.image,
+            "LABVM_TEST_TESTBED": "1",
+            "LABVM_TEST_REGISTRY": str(self.registry),
+            "LABVM_TEST_NODE_KEY": str(self.key_file),
+            "LABVM_TEST_HUB_IP": HUB_IP,
+            "LABVM_NODE_DOWN_AFTER_S": str(self.down_after_s),
+            "LABVM_TEST_MONITOR": "1",
+            "LABVM_TEST_MONITOR_PROCS": str(base / "monitor-procs.json"),
+            "LABVM_TEST_METRICS_TOKEN": uuid.uuid4().hex,
+            **(env or {}),
+        })
+
+    # ---- teardown ------------------------------------------------------------
+
+    def clean_node(self, n: str) -> None:
+        """Remove every LabVM container, mount and local directory of node n."""
+        try:
+            client = self.docker(n)
+            for c in client.containers.list(all=True, filters={"label": "labvm.key"}):
+                c.remove(force=True)
+        except docker.errors.DockerException:
+            pass
+        from labvm_spawner.overlay import mount_points
+
+        state = self.state(n)
+        for mp in sorted(mount_points(), key=len, reverse=True):
+            if mp.startswith(f"{state}/mnt/") or mp.startswith(f"{NODE_RUN / n}/secrets"):
+                _run("umount", "-l", mp)
+        for sub in ("uppers", "uppers-aside", "mnt", "labvm.sqlite", "tls"):
+            p = state / sub
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+    def down(self) -> None:
+        for n in list(self.agents):
+            self.kill_agent(n, signal.SIGTERM)
+        for n in NODE_IP:
+            self.clean_node(n)  # the unpacked image layers stay: a cache by image id
+        _run("bash", str(TESTBED_SH), "down", timeout=300)
+        shutil.rmtree(self.root, ignore_errors=True)
