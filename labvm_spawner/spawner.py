@@ -228,7 +228,6 @@ class LabVMSpawner(Spawner):
         if cache_key not in _clusters:
             local = NodeOps(self.node_config()) if self.local_node else None
             cluster = Cluster(db, self.registry_dir, self.node_key_file, local)
-            cluster.fail_interrupted()
             if local is not None:
                 _start_background_sync(local, self.log)
             _clusters[cache_key] = cluster

@@ -31,6 +31,7 @@ NODE_RUN = Path("/run/labvm-testbed")
 HUB_IP = "10.78.0.1"
 NODE_IP = {"a": "10.78.0.11", "b": "10.78.0.12"}
 AGENT_PORT = 8741
+MFS_MASTER = "10.77.0.1"  # scripts/moosefs.sh
 GPUS = {"a": [0, 1], "b": [2, 3]}
 
 _SHIM = """
@@ -84,6 +85,7 @@ class Testbed:
         auth.make_key(self.key_file)
         key = auth.load_key(self.key_file)
         for n in NODE_IP:
+            self.mount_store(n)
             self.load_image(n)
             (self.work / f"{n}.token-hash").write_text(
                 auth.token_hash(auth.node_token(key, n)) + "\n")
@@ -93,6 +95,27 @@ class Testbed:
             self.start_agent(n)
         for n in NODE_IP:
             self.wait_up(n)
+
+    def node_path(self, n: str, path: Path) -> Path:
+        """Where node n sees ``path`` of the shared MooseFS (through its own mount)."""
+        return self.node_mnt(n) / path.relative_to(_mount_point(self.root))
+
+    def node_mnt(self, n: str) -> Path:
+        return NODE_STATE / n / "mfs"
+
+    def mount_store(self, n: str) -> None:
+        """Each node mounts MooseFS itself, from its own namespace: the MooseFS tools
+        (mfsmakesnapshot) reach the master through their mount's local proxy."""
+        mnt = self.node_mnt(n)
+        mnt.mkdir(parents=True, exist_ok=True)
+        if os.path.ismount(mnt):
+            return
+        r = _run("nsenter", f"--net=/var/run/netns/labvm-{n}", "mfsmount", str(mnt),
+                 "-H", MFS_MASTER, "-o",
+                 "suid,dev,mfsattrcacheto=0,mfsentrycacheto=0,mfsdirentrycacheto=0",
+                 timeout=60)
+        if r.returncode != 0 or not os.path.ismount(mnt):
+            raise RuntimeError(f"node {n} could not mount MooseFS: {r.stderr}")
 
     def load_image(self, n: str) -> None:
         """Copy the user image into the node's engine (no registry here): save | load."""
@@ -124,9 +147,9 @@ class Testbed:
             "--name", n, "--listen", f"{NODE_IP[n]}:{AGENT_PORT}",
             "--url", f"https://{NODE_IP[n]}:{AGENT_PORT}",
             "--token-hash-file", str(self.work / f"{n}.token-hash"),
-            "--registry-dir", str(self.registry), "--heartbeat", "1",
+            "--registry-dir", str(self.node_path(n, self.registry)), "--heartbeat", "1",
             "--docker-url", self.sock(n), "--state-dir", str(self.state(n)),
-            "--store-root", str(self.store), "--publish-ip", NODE_IP[n],
+            "--store-root", str(self.node_path(n, self.store)), "--publish-ip", NODE_IP[n],
             "--secrets-root", str(NODE_RUN / n / "secrets"), "--sync-interval", "2",
         ]
         log = open(self.agent_log(n), "a")
@@ -232,6 +255,8 @@ class Testbed:
         for mp in sorted(mount_points(), key=len, reverse=True):
             if mp.startswith(f"{state}/mnt/") or mp.startswith(f"{NODE_RUN / n}/secrets"):
                 _run("umount", "-l", mp)
+        if os.path.ismount(self.node_mnt(n)):
+            _run("umount", "-l", str(self.node_mnt(n)))
         for sub in ("uppers", "uppers-aside", "mnt", "labvm.sqlite", "tls"):
             p = state / sub
             if p.is_dir():
@@ -246,3 +271,10 @@ class Testbed:
             self.clean_node(n)  # the unpacked image layers stay: a cache by image id
         _run("bash", str(TESTBED_SH), "down", timeout=300)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _mount_point(path: Path) -> Path:
+    p = path
+    while not os.path.ismount(p):
+        p = p.parent
+    return p
