@@ -101,6 +101,13 @@ class Migrator:
             for g in src.info.get("gpus", []):
                 if g.get("holder") == key:
                     held[g["name"]] = held.get(g["name"], 0) + 1
+        if held:
+            # Heartbeats lag by a few seconds; the target's agent knows its GPUs now.
+            # If it does not answer now, its last heartbeat decides.
+            try:
+                nodes[target].info = await self.cluster.client(target).info()
+            except LabVMError as e:
+                log.warning("node %s did not answer (%s); using its heartbeat", target, e)
         for model_name, n in held.items():
             free = len(nodes[target].free_gpus(model_name, key))
             if free < n:
