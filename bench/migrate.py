@@ -63,9 +63,10 @@ for i in range(n):
 
 TOUCH = """
 import os, sys
-root, n, tag = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+root, n, total, tag = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 for i in range(n):
-    with open(os.path.join(root, f"d{i % 100:04d}", f"f{i // 100:03d}"), "ab") as f:
+    k = i * (total // n)  # spread over the whole upper
+    with open(os.path.join(root, f"d{k // 500:04d}", f"f{k % 500:03d}"), "ab") as f:
         f.write(tag.encode())
 """
 
@@ -114,7 +115,7 @@ class Bench:
         raise RuntimeError("the bench server did not come back")
 
     def plain(self, tag: str) -> float:
-        self.exec(TOUCH, "/home/bench/fill-" + tag.split("-")[0], str(CHANGED), tag)
+        self.exec(TOUCH, "/home/bench/fill-" + tag.split("-")[0], str(CHANGED), str(FILES), tag)
         t0 = time.time()
         r = self.hub.api("DELETE", f"/users/{USER}/server")
         assert r.status_code in (202, 204), r.text
@@ -125,7 +126,7 @@ class Bench:
         return self.wait_ready() - t0
 
     def migrate(self, tag: str) -> float:
-        self.exec(TOUCH, "/home/bench/fill-" + tag.split("-")[0], str(CHANGED), tag)
+        self.exec(TOUCH, "/home/bench/fill-" + tag.split("-")[0], str(CHANGED), str(FILES), tag)
         target = "b" if self.node() == "a" else "a"
         r = requests.post(f"{self.hub.url}{ADMIN}api/admin/migrate", timeout=60,
                           headers={"Authorization": f"token {self.boss}"},
