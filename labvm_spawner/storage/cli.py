@@ -83,6 +83,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--keep", type=int, default=DEFAULT_KEEP)
     p.set_defaults(storage_func=_prune)
 
+    p = subparsers.add_parser("take-over", help="make NODE the owner of KEY's live upper; "
+                              "what was synced so far is frozen as a pending layer")
+    store_args(p)
+    p.add_argument("key")
+    p.add_argument("node")
+    p.set_defaults(storage_func=_take_over)
+
+    p = subparsers.add_parser("merge-pending", help="merge KEY's pending layers into new "
+                              "versions")
+    store_args(p)
+    p.add_argument("key")
+    p.set_defaults(storage_func=_merge_pending)
+
     p = subparsers.add_parser("fsck", help="check the store; --repair fixes what a crash left")
     store_args(p)
     p.add_argument("--repair", action="store_true")
@@ -169,6 +182,21 @@ def _prune(args: argparse.Namespace) -> int:
     store = _existing_store(args)
     for n in store.prune(args.key, args.keep):
         print(f"{args.key}: deleted version {n}")
+    return 0
+
+
+def _take_over(args: argparse.Namespace) -> int:
+    store = _existing_store(args)
+    gen = store.take_over(args.key, args.node)
+    print(f"{args.key}: owned by {args.node} (generation {gen}); pending layers "
+          f"{store.pending(args.key)}")
+    return 0
+
+
+def _merge_pending(args: argparse.Namespace) -> int:
+    store = _existing_store(args)
+    made = store.merge_pending(args.key)
+    print(f"{args.key}: merged into version(s) {made}")
     return 0
 
 

@@ -364,3 +364,34 @@ def test_admin_pages_are_admin_only(testbed, hub):
         assert admin(hub, "GET", path).status_code == 200
     r = requests.get(f"{hub.url}{ADMIN}api/admin/state", timeout=30, allow_redirects=False)
     assert r.status_code in (302, 401, 403)
+
+
+def test_agents_refuse_requests_without_their_token(testbed, hub):
+    from labvm_spawner.node import auth
+
+    rec = testbed.records()["a"]
+    cert = testbed.work / "a-pinned.crt"
+    cert.write_text(rec["cert"])
+    key = auth.load_key(testbed.key_file)
+    body = {"key": "mallory", "username": "mallory", "server": "", "image": testbed.image,
+            "cmd": ["sleep", "infinity"], "env": {}, "secrets": {},
+            "limits": {"cpus": 1, "mem_bytes": 1 << 30, "pids": 100, "blkio_weight": None,
+                       "io_read_bps": None, "io_write_bps": None}}
+    wrong = [{}, {"Authorization": "Bearer nope"},
+             {"Authorization": f"Bearer {auth.node_token(key, 'b')}"},  # node b's token
+             {"Authorization": f"token {auth.node_token(key, 'a')}"}]
+    for headers in wrong:
+        for method, path in (("POST", "/v1/servers/mallory/start"), ("GET", "/v1/info"),
+                             ("POST", "/v1/servers/alice/stop")):
+            r = requests.request(method, rec["url"] + path, headers=headers, verify=str(cert),
+                                 json=body if method == "POST" else None, timeout=30)
+            assert r.status_code == 401, (headers, path, r.status_code)
+    # Plain HTTP gets no answer from the agent at all.
+    with pytest.raises(requests.RequestException):
+        requests.get(rec["url"].replace("https://", "http://") + "/v1/info", timeout=10)
+    assert not testbed.docker("a").containers.list(all=True,
+                                                   filters={"label": "labvm.key=mallory"})
+    # The right token, through the pinned certificate, is answered.
+    ok = requests.get(rec["url"] + "/v1/info", verify=str(cert), timeout=30,
+                      headers={"Authorization": f"Bearer {auth.node_token(key, 'a')}"})
+    assert ok.status_code == 200 and ok.json()["name"] == "a"

@@ -187,3 +187,42 @@ def test_enough_distinct_crash_points() -> None:
     points = set(COMMIT_POINTS + PRUNE_POINTS + SYNC_POINTS) | {
         "restore.copied", "restore.published", "init.staged", "merge.copied", "merge.applied"}
     assert len(points) >= 20
+
+
+TAKEOVER_POINTS = ["takeover.frozen", "takeover.owned"]
+PENDING_POINTS = ["commit.copied", "commit.merged", "publish.swapped", "pending.committed"]
+
+
+@pytest.mark.parametrize("point", TAKEOVER_POINTS + PENDING_POINTS)
+def test_take_over_and_merge_pending_crash(world: dict, point: str) -> None:
+    """A node taking a root over (a migration) is killed; the synced upper is never lost.
+
+    The synced copy of upper B is frozen as a pending layer, stacked above v2, and
+    merged into a new version later; a crash anywhere leaves v2 + B reachable, and
+    finishing the steps gives exactly v2 + B.
+    """
+    root = world["root"]
+    store = open_store(root)
+    syncer = UpperSync(world["tmp"] / "upperB", store.sync_path(KEY), journal=False)
+    syncer.sync()
+    syncer.close()
+    take = ["take-over", KEY, "b", "--store", root]
+    merge = ["merge-pending", KEY, "--store", root]
+    if point in TAKEOVER_POINTS:
+        assert labvm(*take, crash=point).returncode == -9
+        assert labvm(*take).returncode == 0
+    else:
+        assert labvm(*take).returncode == 0
+    assert store.owner(KEY)[0] == "b" and not store.sync_path(KEY).exists()
+    layers = store.layers(KEY)
+    assert len(layers) == 2  # the frozen upper above v2: what the new node mounts
+    merge_into_new(layers[1], layers[0], world["tmp"] / "stacked")
+    assert view(world["tmp"] / "stacked") == world["new"]
+    if point in PENDING_POINTS:
+        assert labvm(*merge, crash=point).returncode == -9
+        assert current_view(root) in (world["old"], world["new"])
+    done = labvm(*merge)
+    assert done.returncode == 0, done.stderr
+    assert current_view(root) == world["new"]
+    assert store.pending(KEY) == [] and store.layers(KEY) == [store.current_path(KEY)]
+    assert_clean(root)
