@@ -36,6 +36,13 @@ c.PAMAuthenticator.allowed_groups = {"labvm-users"}
 c.PAMAuthenticator.admin_groups = {"labvm-admins"}
 
 c.LabVMSpawner.state_dir = state
+# More nodes (README, "Several nodes and migration"): run `labvm-node serve` on each, keep
+# the store on MooseFS, and set here
+#   c.LabVMSpawner.local_node = False
+#   c.LabVMSpawner.registry_dir = "/mnt/mfs/labvm/registry"
+#   c.LabVMSpawner.node_key_file = "/etc/labvm/node.key"
+#   c.JupyterHub.hub_ip = "<an address the nodes' containers reach>"
+# and pass --MonitorService.registry_dir/--MonitorService.node_key_file to the service below.
 c.LabVMSpawner.policy = {"cpus": 2, "mem": "4G", "pids": 2048, "max_gpus": 1}
 c.LabVMSpawner.admin_policy = {"max_gpus": 8, "cpus": 8, "mem": "32G"}
 c.Spawner.default_url = "/lab"
