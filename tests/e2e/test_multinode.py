@@ -339,11 +339,9 @@ def test_kill_9_during_migration_loses_nothing(testbed, hub, who, point):
         testbed.start_agent(victim)
     testbed.wait_up(victim)
     # The server can be started (wherever the migration left it), with all its data.
-    model = hub.api("GET", f"/users/{user}").json()
-    if not (model["servers"].get("") or {}).get("ready"):
-        if model["servers"].get(""):
-            hub.unspawn(user)
-        hub.spawn(user, {"gpus": 1}, timeout=300)
+    if hub.api("GET", f"/users/{user}").json()["servers"].get(""):
+        hub.unspawn(user)
+    hub.spawn(user, {"gpus": 1}, timeout=300)
     rc, out = run(hub, user, "test \"$(wc -l < ~/w/data)\" = 5000 && test ! -e /etc/motd "
                   "&& echo INTACT")
     assert rc == 0 and "INTACT" in out, (m, out)
