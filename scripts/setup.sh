@@ -24,6 +24,9 @@ have npm || pkgs+=(npm)
 have setfattr || pkgs+=(attr)
 have rsync || pkgs+=(rsync)
 have ip || pkgs+=(iproute2)
+have openssl || pkgs+=(openssl)  # node agents make their TLS certificates
+have nsenter || pkgs+=(util-linux)
+have iptables || pkgs+=(iptables)
 if ((WITH_TEST)); then
   have mfsmaster || pkgs+=(moosefs-master)
   have mfschunkserver || pkgs+=(moosefs-chunkserver)
