@@ -12,6 +12,7 @@ import pytest
 import requests
 from conftest import require
 from helpers import container_of, fixture_uuids, sh, state_dir
+from hubharness import HubError
 
 from labvm_spawner.storage import open_store
 
@@ -202,6 +203,10 @@ def test_admin_and_user_views_on_real_servers(hub_factory, docker_client, tmp_pa
     node = state["nodes"][0]["name"]
     assert mon.post("api/admin/drain", {"node": node, "drained": True}).json()["drained"]
     assert mon.get("api/admin/state").json()["nodes"][0]["drained"] is True
+    # A drained node takes no new users (those already there stay and may restart).
+    hub.create_user("newbie")
+    with pytest.raises(HubError, match="drained"):
+        hub.spawn("newbie")
 
     assert mon.post("api/admin/stop", {"user": BOB}).status_code == 200
     deadline = time.monotonic() + 60
