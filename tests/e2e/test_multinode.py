@@ -149,6 +149,8 @@ def test_migration_moves_everything_and_deletions_stay(testbed, hub):
     assert m["state"] == "done", m
     assert m["downtime_s"] and m["downtime_s"] > 0
     assert node_of(testbed, "alice") == other
+    # The user's spawn page was told why their server restarted (its progress events).
+    assert f"Moving your server from node {home} to node {other}" in hub.log_path.read_text()
 
     rc, out = run(hub, "alice", CHECK + "test \"$(cat ~/proj/late.txt)\" = late\n")
     assert rc == 0 and "ALL-GOOD" in out, out
