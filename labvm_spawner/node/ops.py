@@ -246,6 +246,8 @@ class NodeOps:
         self._start_syncing(key)
         if took_over and self.store.pending(key):
             self._merge_later(key)
+        else:
+            self._in_background(f"trash-{key}", lambda: self.store.empty_trash(key))
         return {"ip": ip, "port": port, "container_id": container.id, "node": cfg.name,
                 "gpus": [g.index for g in gpus]}
 
@@ -527,23 +529,31 @@ class NodeOps:
 
     def _merge_later(self, key: str) -> None:
         """Merge the frozen layers of a key taken over into a new version, off-path."""
+
+        def merge() -> None:
+            made = self.store.merge_pending(key)
+            log.info("%s: merged taken-over layers into version(s) %s", key, made)
+
+        self._in_background(f"merge-{key}", merge)
+
+    def _in_background(self, name: str, fn: Callable[[], object]) -> None:
+        """Run store upkeep in a thread, one per name at a time; failures are retried by
+        the next start (the store's state says what is left to do)."""
         with self._lock:
-            if key in self._merging:
+            if name in self._merging:
                 return
-            self._merging.add(key)
+            self._merging.add(name)
 
         def run() -> None:
             try:
-                made = self.store.merge_pending(key)
-                log.info("%s: merged taken-over layers into version(s) %s", key, made)
+                fn()
             except Exception:
-                log.exception("%s: merging the taken-over layers failed; retried at the "
-                              "next take-over", key)
+                log.exception("%s failed; the next start of the server retries it", name)
             finally:
                 with self._lock:
-                    self._merging.discard(key)
+                    self._merging.discard(name)
 
-        threading.Thread(target=run, name=f"merge-{key}", daemon=True).start()
+        threading.Thread(target=run, name=name, daemon=True).start()
 
     def wait_merges(self, timeout_s: float = 600) -> None:
         deadline = time.monotonic() + timeout_s

@@ -5,7 +5,7 @@ Layout under the store root, per key (a validated user or user.server name)::
     <key>/versions/<N>/      immutable, published versions
     <key>/current            symlink -> versions/<N>, swapped atomically
     <key>/.staging/<N>/      versions being built; never visible as current
-    <key>/.trash/            pruned versions being deleted
+    <key>/.trash/            pruned versions and merged pending layers being deleted
     <key>/upper-sync/        background copy of the live upper (see sync.py)
     <key>/pending/<S>/       frozen copies of a former node's upper, stacked above current
                              until merged into a version (<S>.merged marks one that is)
@@ -339,11 +339,26 @@ class LayerStore:
         """
         pdir = self.key_dir(key) / "pending"
         for s in self.pending(key, merged=True):
+            # Only a rename here: deleting a big layer on MooseFS takes minutes, which a
+            # start must not wait for (empty_trash does it afterwards).
             with self.locked(key):
-                fsops.remove_tree(pdir / str(s))
+                trash = self.key_dir(key) / ".trash"
+                trash.mkdir(exist_ok=True)
+                os.rename(pdir / str(s), trash / f"pending-{s}.{time.time_ns()}")
                 (pdir / f"{s}.merged").unlink(missing_ok=True)
         current = self.current_path(key)
         return [pdir / str(s) for s in reversed(self.pending(key))] + [current]
+
+    def empty_trash(self, key: str) -> None:
+        """Delete what was moved to the trash (merged pending layers, pruned versions)."""
+        # Unlocked on purpose: holding the key's lock for minutes would stall a take-over.
+        # A recovery deleting the same entry meanwhile is harmless; what is left over is
+        # deleted by the next call (or fsck).
+        trash = self.key_dir(key) / ".trash"
+        if trash.is_dir():
+            for p in list(trash.iterdir()):
+                with contextlib.suppress(FileNotFoundError):
+                    fsops.remove_any(os.fspath(p))
 
     def merge_pending(self, key: str, workers: int | None = None) -> list[int]:
         """Merge every unmerged pending layer, oldest first, into new versions."""
