@@ -60,6 +60,7 @@ class Testbed:
         self.key_file = work / "node.key"
         self.down_after_s = down_after_s
         self.agents: dict[str, subprocess.Popen] = {}
+        self.started: dict[str, float] = {}
         self.crash_at: dict[str, str] = {}
 
     # ---- nodes -------------------------------------------------------------
@@ -153,6 +154,7 @@ class Testbed:
             "--secrets-root", str(NODE_RUN / n / "secrets"), "--sync-interval", "2",
         ]
         log = open(self.agent_log(n), "a")
+        self.started[n] = time.time()
         self.agents[n] = subprocess.Popen(
             ["nsenter", f"--net=/var/run/netns/labvm-{n}", sys.executable, "-c", shim, *args],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -165,10 +167,10 @@ class Testbed:
 
     def wait_up(self, n: str, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
-        start = time.time()
         while time.monotonic() < deadline:
             rec = self.records().get(n)
-            if rec and rec["up"] and rec["t"] > start - 0.5:
+            # A heartbeat of the agent started last (it listens before its first one).
+            if rec and rec["up"] and rec["t"] > self.started.get(n, 0):
                 return
             proc = self.agents.get(n)
             if proc is not None and proc.poll() is not None:
