@@ -172,14 +172,24 @@ def _is_whiteout(st: os.stat_result, xa: dict[str, bytes], parent: DirNode) -> b
             and fsops.OVL_WHITEOUT in xa)
 
 
+def _whiteout(dst: str) -> None:
+    """A whiteout as overlayfs makes one: a 0/0 character device."""
+    os.mknod(dst, stat.S_IFCHR, os.makedev(0, 0))
+
+
 def apply_upper(tree: DirNode, upper: str | Path, dest: str | Path,
-                workers: int | None = None) -> MergeStats:
-    """Apply a scanned upper onto the existing directory ``dest`` (a private copy of the lower)."""
+                workers: int | None = None, layer: bool = False) -> MergeStats:
+    """Apply a scanned upper onto the existing directory ``dest`` (a private copy of the lower).
+
+    With ``layer`` the result stays a layer over further lower layers (a store version
+    sits on the image): whiteouts are kept as whiteouts, and a directory that hid what
+    is below it (opaque in the upper, or over a lower non-directory) stays opaque.
+    """
     upper = os.fspath(upper)
     dest = os.fspath(dest)
     stats = MergeStats()
     lock = threading.Lock()
-    dir_meta: list[tuple[str, DirNode]] = [(dest, tree)]
+    dir_meta: list[tuple[str, DirNode, bool]] = [(dest, tree, False)]
     links: dict[tuple[int, int], list[tuple[str, str, os.stat_result, dict[str, bytes]]]] = {}
 
     def apply(task: object) -> list[object]:
@@ -190,6 +200,8 @@ def apply_upper(tree: DirNode, upper: str | Path, dest: str | Path,
             if _is_whiteout(st, xa, node):
                 if lower_present:
                     fsops.remove_any(dst)
+                if layer:
+                    _whiteout(dst)
                 whiteouts += 1
                 continue
             vis = fsops.visible_xattrs(xa)
@@ -213,6 +225,7 @@ def apply_upper(tree: DirNode, upper: str | Path, dest: str | Path,
         for sub in node.subdirs:
             dst = os.path.join(ddir, os.path.basename(sub.rel))
             child_lower = False
+            opaque = sub.opaque
             if lower_present:
                 if sub.opaque:
                     fsops.remove_any(dst)
@@ -220,13 +233,15 @@ def apply_upper(tree: DirNode, upper: str | Path, dest: str | Path,
                     try:
                         if stat.S_ISDIR(os.lstat(dst).st_mode):
                             child_lower = True
+                            opaque = fsops.read_xattrs(dst).get(fsops.OVL_OPAQUE) == b"y"
                         else:
-                            os.unlink(dst)
+                            os.unlink(dst)  # it hid the layers below: so does the dir
+                            opaque = True
                     except FileNotFoundError:
                         pass
             if not child_lower:
                 os.mkdir(dst, 0o700)
-            metas.append((dst, sub))
+            metas.append((dst, sub, layer and opaque))
             children.append((sub, dst, child_lower))
         with lock:
             stats.files += files
@@ -243,8 +258,11 @@ def apply_upper(tree: DirNode, upper: str | Path, dest: str | Path,
             os.link(first[1], dst)
     # Directory metadata last: creating entries changes a directory's mtime.
     def set_meta(task: object) -> list[object]:
-        for path, node in task:  # type: ignore[attr-defined]
-            fsops.apply_meta(path, node.st, fsops.visible_xattrs(node.xattrs), replace_xattrs=True)
+        for path, node, opaque in task:  # type: ignore[attr-defined]
+            xattrs = fsops.visible_xattrs(node.xattrs)
+            if opaque:
+                xattrs[fsops.OVL_OPAQUE] = b"y"
+            fsops.apply_meta(path, node.st, xattrs, replace_xattrs=True)
         return []
 
     batches = [dir_meta[i:i + 256] for i in range(0, len(dir_meta), 256)]

@@ -268,7 +268,9 @@ class LayerStore:
             tmp = self._staging(key, n)
             copy_tree(base, tmp)
             crashpoint("commit.copied")
-            stats = apply_upper(tree, upper, tmp, workers)
+            # A version is a layer over the image: deletions and opaque directories
+            # must keep hiding what the image has below them.
+            stats = apply_upper(tree, upper, tmp, workers, layer=True)
             crashpoint("commit.merged")
             self.publish(key, n, tmp)
             crashpoint("commit.published")

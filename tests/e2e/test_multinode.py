@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -346,7 +347,12 @@ def test_kill_9_during_migration_loses_nothing(testbed, hub, who, point):
     hub.spawn(user, {"gpus": 1}, timeout=300)
     rc, out = run(hub, user, "test \"$(wc -l < ~/w/data)\" = 5000 && test ! -e /etc/motd "
                   "&& echo INTACT")
-    assert rc == 0 and "INTACT" in out, (m, out)
+    if rc != 0 or "INTACT" not in out:
+        _, seen = run(hub, user, "ls -la ~ ~/w /etc/motd 2>&1; wc -l ~/w/data")
+        mounts = [ln for ln in Path("/proc/mounts").read_text().splitlines() if user in ln]
+        layout = subprocess.run(["find", str(testbed.store / user), "-maxdepth", "3"],
+                                capture_output=True, text=True).stdout
+        raise AssertionError(f"data lost after {point}: {m}\n{out}\n{seen}\n{mounts}\n{layout}")
     # Nothing held on the node that does not run it: no mount, no GPU.
     where = node_of(testbed, user)
     spare = "b" if where == "a" else "a"

@@ -9,8 +9,10 @@ gives exactly the expected tree.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -63,12 +65,24 @@ def assert_clean(root: Path) -> None:
         assert not any((kdir / sub).iterdir()) if (kdir / sub).exists() else True
 
 
+def flat_view(layer: Path) -> tuple:
+    """What a layer shows on its own: its whiteouts and opaque marks (kept in versions
+    for the image below) applied to nothing."""
+    base = Path(tempfile.mkdtemp(prefix="labvm-flat-"))
+    try:
+        (base / "empty").mkdir()
+        merge_into_new(base / "empty", layer, base / "flat")
+        return view(base / "flat")
+    finally:
+        shutil.rmtree(base)
+
+
 def current_view(root: Path) -> tuple | None:
     store = open_store(root)
     n = store.current_version(KEY)
     if n is None:
         return None
-    return view(store.version_path(KEY, n))
+    return flat_view(store.version_path(KEY, n))
 
 
 @pytest.fixture
@@ -82,7 +96,7 @@ def world(tmp_path: Path, overlay_ok: None) -> dict:
     v2 = store.version_path(KEY, 2)
     make_upper(v2, tmp_path / "upperB", tmp_path / "wb", OPS_B)
     merge_into_new(v2, tmp_path / "upperB", tmp_path / "refB")
-    return {"root": root, "tmp": tmp_path, "old": view(v2), "new": view(tmp_path / "refB")}
+    return {"root": root, "tmp": tmp_path, "old": flat_view(v2), "new": view(tmp_path / "refB")}
 
 
 COMMIT_POINTS = ["commit.recovered", "commit.copied", "commit.merged", "publish.synced",
@@ -216,7 +230,7 @@ def test_take_over_and_merge_pending_crash(world: dict, point: str) -> None:
     assert store.owner(KEY)[0] == "b" and not store.sync_path(KEY).exists()
     layers = store.layers(KEY)
     assert len(layers) == 2  # the frozen upper above v2: what the new node mounts
-    merge_into_new(layers[1], layers[0], world["tmp"] / "stacked")
+    merge_into_new(layers[1], layers[0], world["tmp"] / "stacked")  # v2 holds no whiteouts
     assert view(world["tmp"] / "stacked") == world["new"]
     if point in PENDING_POINTS:
         assert labvm(*merge, crash=point).returncode == -9
