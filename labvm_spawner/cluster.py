@@ -111,6 +111,7 @@ class Cluster:
         self.key_file = key_file
         self.local = LocalNode(local) if local is not None else None
         self.down_after_s = down_after_s
+        self._key: bytes | None = None
         self._local_info: dict = {}
         self._local_info_t = 0.0
 
@@ -144,7 +145,9 @@ class Cluster:
         if not self.key_file:
             raise LabVMError("LabVM has no node key file configured: cannot reach node "
                              f"{name!r}")
-        token = auth.node_token(auth.load_key(self.key_file), name)
+        if self._key is None:  # read once: client() runs on every poll
+            self._key = auth.load_key(self.key_file)
+        token = auth.node_token(self._key, name)
         return RemoteNode(name, rec["url"], token, rec["cert"])
 
     # ---- records ------------------------------------------------------------------

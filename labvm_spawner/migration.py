@@ -183,9 +183,8 @@ class Migrator:
                     if not result.get("synced"):
                         raise LabVMError(f"the final sync of {key} on node {source} failed")
             else:
-                synced = self.cluster.migration(mid)
                 self._step(mid, f"node {source} is down: evacuating {key} from its last "
-                           f"sync (migration {synced and synced['id']})")
+                           "sync")
             self.cluster.set_placement(key, target)
             switched = True
             if running:

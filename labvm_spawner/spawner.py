@@ -244,8 +244,10 @@ class LabVMSpawner(Spawner):
             self.group_policy, self.admin_policy, self.user_policy,
         )
 
-    async def _nodes(self) -> dict[str, NodeView]:
-        return await self.cluster.nodes()
+    @staticmethod
+    def _gpu_models(nodes: dict[str, NodeView]) -> list[str]:
+        """GPU models an option may name: those of the nodes that are up."""
+        return sorted({g["name"] for n in nodes.values() if n.up for g in n.info.get("gpus", [])})
 
     def _gpu_counts(self, nodes: dict[str, NodeView], sharing: bool
                     ) -> tuple[dict[str, int], dict[str, int]]:
@@ -271,7 +273,7 @@ class LabVMSpawner(Spawner):
 
     async def _render_options_form(self, spawner=None) -> str:
         limits, gpu_policy = self._resolve_policy()
-        nodes = await self._nodes()
+        nodes = await self.cluster.nodes()
         free, total = self._gpu_counts(nodes, self._sharing(gpu_policy))
         return form.render_form(limits, gpu_policy, free, total)
 
@@ -336,10 +338,8 @@ class LabVMSpawner(Spawner):
 
     async def _start(self):
         # Everything that can be refused is checked before anything is created.
-        nodes = await self._nodes()
-        models = sorted({g["name"] for n in nodes.values() if n.up
-                         for g in n.info.get("gpus", [])})
-        key, limits, count, model, sharing = self._checked_request(models)
+        nodes = await self.cluster.nodes()
+        key, limits, count, model, sharing = self._checked_request(self._gpu_models(nodes))
         self.root_key = key
         cluster = self.cluster
         placed = cluster.placement(key)
@@ -418,10 +418,9 @@ class LabVMSpawner(Spawner):
 
 async def _check_user_options(spawner: LabVMSpawner, user_options: dict) -> None:
     """The hub's apply_user_options hook: refuse bad names and options with a 400."""
-    nodes = await spawner._nodes()
-    models = sorted({g["name"] for n in nodes.values() if n.up for g in n.info.get("gpus", [])})
+    nodes = await spawner.cluster.nodes()
     try:
-        spawner._checked_request(models)
+        spawner._checked_request(spawner._gpu_models(nodes))
     except LabVMError as e:
         raise web.HTTPError(400, str(e)) from e
 

@@ -110,7 +110,7 @@ class NodeOps:
         self._lock = threading.Lock()
         self._key_locks: dict[str, threading.Lock] = {}
         self._syncers: dict[str, UpperSync] = {}
-        self._merging: set[str] = set()
+        self._background: set[str] = set()  # names of upkeep threads running
         self._network_ip = ""
         self.reconcile()
 
@@ -151,11 +151,13 @@ class NodeOps:
         except docker.errors.NotFound:
             return None
 
-    def live_keys(self) -> set[str]:
-        running = self.client.containers.list(
+    def _running(self) -> list:
+        return self.client.containers.list(
             filters={"label": ["labvm.key", f"labvm.node={self.config.name}"]}
         )
-        return {c.labels["labvm.key"] for c in running}
+
+    def live_keys(self) -> set[str]:
+        return {c.labels["labvm.key"] for c in self._running()}
 
     # ---- inventory --------------------------------------------------------------
 
@@ -165,9 +167,7 @@ class NodeOps:
         holders = {r.uuid: r.owner for r in self.allocator.records()}
         cpus = mem = 0.0
         servers: dict[str, dict] = {}
-        for c in self.client.containers.list(
-            filters={"label": ["labvm.key", f"labvm.node={self.config.name}"]}
-        ):
+        for c in self._running():
             hc = c.attrs.get("HostConfig", {})
             cpus += (hc.get("NanoCpus") or 0) / 1e9
             mem += hc.get("Memory") or 0
@@ -540,9 +540,9 @@ class NodeOps:
         """Run store upkeep in a thread, one per name at a time; failures are retried by
         the next start (the store's state says what is left to do)."""
         with self._lock:
-            if name in self._merging:
+            if name in self._background:
                 return
-            self._merging.add(name)
+            self._background.add(name)
 
         def run() -> None:
             try:
@@ -551,14 +551,9 @@ class NodeOps:
                 log.exception("%s failed; the next start of the server retries it", name)
             finally:
                 with self._lock:
-                    self._merging.discard(name)
+                    self._background.discard(name)
 
         threading.Thread(target=run, name=name, daemon=True).start()
-
-    def wait_merges(self, timeout_s: float = 600) -> None:
-        deadline = time.monotonic() + timeout_s
-        while self._merging and time.monotonic() < deadline:
-            time.sleep(0.1)
 
     def close(self) -> None:
         with self._lock:
