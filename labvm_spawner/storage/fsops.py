@@ -1,17 +1,23 @@
-"""Low-level file operations that keep everything a root layer needs.
+"""Copying one entry with everything a root layer needs, relative to directory descriptors.
 
-Copies one entry (regular file, symlink, fifo, socket, device node) with its
-numeric owner, mode, times and xattrs; regular files keep their holes.
-Everything works on ``lstat`` results and never follows symlinks.
+Copies a regular file, symlink, fifo, socket or device node with its numeric
+owner, mode, times and xattrs; regular files keep their holes. Every function
+takes the parent directory's descriptor and a name (reached through
+``safepath``) and never follows a symlink.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
-from pathlib import Path
+
+from . import safepath
+from .safepath import read_xattrs, set_xattrs
+
+__all__ = ["OVL_PREFIX", "OVL_OPAQUE", "OVL_WHITEOUT", "OVL_REDIRECT", "OVL_METACOPY",
+           "read_xattrs", "set_xattrs", "visible_xattrs", "is_char_whiteout", "apply_meta",
+           "apply_meta_fd", "open_regular", "copy_entry", "overwrite_file", "copy_file_data"]
 
 OVL_PREFIX = "trusted.overlay."
 # Overlayfs escapes a user's own trusted.overlay.* xattr by doubling the prefix.
@@ -23,24 +29,9 @@ OVL_METACOPY = OVL_PREFIX + "metacopy"
 
 _SMALL = 1 << 20
 _CHUNK = 8 << 20
-
-
-def read_xattrs(path: str | Path) -> dict[str, bytes]:
-    """All xattrs of ``path`` (not following symlinks); {} where unsupported."""
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError as e:
-        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
-            return {}
-        raise
-    out: dict[str, bytes] = {}
-    for name in names:
-        try:
-            out[name] = os.getxattr(path, name, follow_symlinks=False)
-        except OSError as e:
-            if e.errno != errno.ENODATA:  # removed meanwhile
-                raise
-    return out
+# O_NONBLOCK: a fifo swapped in after the lstat must not block the open.
+_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def visible_xattrs(xattrs: dict[str, bytes]) -> dict[str, bytes]:
@@ -58,27 +49,37 @@ def is_char_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def set_xattrs(path: str | Path, xattrs: dict[str, bytes], *, replace: bool = False) -> None:
-    """Set ``xattrs`` on ``path``; with ``replace``, first drop any other xattr it has."""
-    if replace:
-        for name in os.listxattr(path, follow_symlinks=False):
-            if name not in xattrs:
-                os.removexattr(path, name, follow_symlinks=False)
-    for name, value in xattrs.items():
-        os.setxattr(path, name, value, follow_symlinks=False)
-
-
-def apply_meta(path: str | Path, st: os.stat_result, xattrs: dict[str, bytes] | None,
-               *, replace_xattrs: bool = False) -> None:
-    """Owner, mode, xattrs then times (in that order: chown clears set-id bits and
-    capabilities, and every change but utime touches ctime only)."""
-    is_link = stat.S_ISLNK(st.st_mode)
-    os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
-    if not is_link:
-        os.chmod(path, stat.S_IMODE(st.st_mode))
+def apply_meta_fd(fd: int, st: os.stat_result, xattrs: dict[str, bytes] | None,
+                  replace_xattrs: bool = False) -> None:
+    """Owner, mode, xattrs then times of an open file or directory (in that order: chown
+    clears set-id bits and capabilities, and every change but utime touches ctime)."""
+    os.fchown(fd, st.st_uid, st.st_gid)
+    os.fchmod(fd, stat.S_IMODE(st.st_mode))
     if xattrs is not None and (xattrs or replace_xattrs):
-        set_xattrs(path, xattrs, replace=replace_xattrs)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        set_xattrs(fd, None, xattrs, replace=replace_xattrs)
+    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def apply_meta(dirfd: int, name: str, st: os.stat_result, xattrs: dict[str, bytes] | None,
+               replace_xattrs: bool = False) -> None:
+    """``apply_meta_fd`` for an entry we do not hold open (symlink, fifo, device, socket)."""
+    os.chown(name, st.st_uid, st.st_gid, dir_fd=dirfd, follow_symlinks=False)
+    if not stat.S_ISLNK(st.st_mode):
+        safepath.chmod_entry(dirfd, name, stat.S_IMODE(st.st_mode))
+    if xattrs is not None and (xattrs or replace_xattrs):
+        set_xattrs(dirfd, name, xattrs, replace=replace_xattrs)
+    os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dirfd, follow_symlinks=False)
+
+
+def open_regular(dirfd: int, name: str, st: os.stat_result | None = None) -> int:
+    """Open the regular file ``name`` for reading; ESTALE when it is not one (any more),
+    or not the inode ``st`` describes."""
+    fd = os.open(name, _READ, dir_fd=dirfd)
+    got = os.fstat(fd)
+    if not stat.S_ISREG(got.st_mode) or (st is not None and got.st_ino != st.st_ino):
+        os.close(fd)
+        raise OSError(errno.ESTALE, "replaced while being copied", name)
+    return fd
 
 
 def _copy_range(fd_in: int, fd_out: int, start: int, end: int) -> None:
@@ -130,84 +131,63 @@ def copy_file_data(fd_in: int, fd_out: int, st: os.stat_result) -> None:
         pos = hole
 
 
-def copy_entry(src: str, dst: str, st: os.stat_result, xattrs: dict[str, bytes]) -> None:
-    """Create ``dst`` (which must not exist) as a copy of non-directory ``src``."""
+def copy_entry(src_dir: int, src_name: str, dst_dir: int, dst_name: str,
+               st: os.stat_result, xattrs: dict[str, bytes] | None = None) -> os.stat_result:
+    """Create ``dst_name`` (which must not exist) as a copy of the non-directory
+    ``src_name``; ``xattrs`` None copies the source's own. Returns the source's stat as
+    copied (for a regular file, of the inode actually read)."""
     mode = st.st_mode
     if stat.S_ISREG(mode):
-        fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd_in = open_regular(src_dir, src_name, st)
         try:
-            fd_out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            st = os.fstat(fd_in)
+            if xattrs is None:
+                xattrs = read_xattrs(fd_in)
+            fd_out = os.open(dst_name, _CREATE, 0o600, dir_fd=dst_dir)
             try:
                 copy_file_data(fd_in, fd_out, st)
-                os.fchown(fd_out, st.st_uid, st.st_gid)
-                os.fchmod(fd_out, stat.S_IMODE(mode))
-                for name, value in xattrs.items():
-                    os.setxattr(fd_out, name, value)
-                os.utime(fd_out, ns=(st.st_atime_ns, st.st_mtime_ns))
+                apply_meta_fd(fd_out, st, xattrs)
             finally:
                 os.close(fd_out)
         finally:
             os.close(fd_in)
-        return
+        return st
+    if xattrs is None:
+        xattrs = read_xattrs(src_dir, src_name)
     if stat.S_ISLNK(mode):
-        os.symlink(os.readlink(src), dst)
+        os.symlink(os.readlink(src_name, dir_fd=src_dir), dst_name, dir_fd=dst_dir)
     elif stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode):
-        os.mknod(dst, stat.S_IFMT(mode) | 0o600, st.st_rdev)
+        os.mknod(dst_name, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=dst_dir)
     else:
-        raise OSError(errno.EINVAL, f"cannot copy file type {stat.S_IFMT(mode):o}", src)
-    apply_meta(dst, st, xattrs)
+        raise OSError(errno.EINVAL, f"cannot copy file type {stat.S_IFMT(mode):o}", src_name)
+    apply_meta(dst_dir, dst_name, st, xattrs)
+    return st
 
 
-def overwrite_file(src: str, dst: str, st: os.stat_result, xattrs: dict[str, bytes]) -> bool:
-    """Rewrite the existing regular file ``dst`` (a private copy with no other links) to
-    be a copy of ``src``: same result as replacing it, but ext4 frees and allocates less.
+def overwrite_file(src_dir: int, src_name: str, dst_dir: int, dst_name: str,
+                   st: os.stat_result, xattrs: dict[str, bytes]) -> bool:
+    """Rewrite the existing regular file ``dst_name`` (a private copy with no other links)
+    to be a copy of ``src_name``: same result as replacing it, but ext4 frees and
+    allocates less.
 
-    Returns False (touching nothing) when ``dst`` is not a single-link regular file.
+    Returns False (touching nothing) when ``dst_name`` is not a single-link regular file.
     """
-    try:
-        dst_st = os.lstat(dst)
-    except FileNotFoundError:
-        return False
+    dst_st = safepath.lstat_or_none(dst_dir, dst_name)
     # Never open anything but a regular file: opening a device node can have effects.
-    if not stat.S_ISREG(dst_st.st_mode) or dst_st.st_nlink != 1:
+    if dst_st is None or not stat.S_ISREG(dst_st.st_mode) or dst_st.st_nlink != 1:
         return False
-    fd_out = os.open(dst, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    fd_out = os.open(dst_name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                     dir_fd=dst_dir)
     try:
-        fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd_in = open_regular(src_dir, src_name, st)
         try:
+            st = os.fstat(fd_in)
             if dst_st.st_size:
                 os.ftruncate(fd_out, 0)
             copy_file_data(fd_in, fd_out, st)
         finally:
             os.close(fd_in)
-        os.fchown(fd_out, st.st_uid, st.st_gid)
-        os.fchmod(fd_out, stat.S_IMODE(st.st_mode))
-        for name in os.listxattr(fd_out):
-            if name not in xattrs:
-                os.removexattr(fd_out, name)
-        for name, value in xattrs.items():
-            os.setxattr(fd_out, name, value)
-        os.utime(fd_out, ns=(st.st_atime_ns, st.st_mtime_ns))
+        apply_meta_fd(fd_out, st, xattrs, replace_xattrs=True)
         return True
     finally:
         os.close(fd_out)
-
-
-def remove_any(path: str) -> None:
-    """Remove ``path`` whatever it is (a directory with its contents); absent is fine."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except IsADirectoryError:
-        remove_tree(path)
-    except PermissionError:  # EPERM from unlink of a directory on some file systems
-        if stat.S_ISDIR(os.lstat(path).st_mode):
-            remove_tree(path)
-        else:
-            raise
-
-
-def remove_tree(path: str | Path) -> None:
-    """rmtree that also copes with read-only directories (we are root, but be explicit)."""
-    shutil.rmtree(path)

@@ -14,109 +14,44 @@ Lower entries are replaced (unlink + create), never written through, so other
 hard links of a lower inode keep their content. Uppers made with redirect_dir or
 metacopy are refused while scanning, before anything is written.
 
-Scanning and applying run per directory on a thread pool: the work is syscalls,
-which release the GIL, and on a FUSE store each one is a network round trip.
+Both trees are a user's: every directory is reached through ``safepath`` (see
+``treecopy`` for the parallel walk), so a symlink in the upper or in the lower is
+copied or replaced as an entry and never followed.
 """
 
 from __future__ import annotations
 
 import os
-import queue
 import stat
 import threading
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import fsops
+from . import fsops, safepath
 from .crash import crashpoint
 from .errors import MergeRefused, StoreError
-from .mounts import is_fuse, is_mountpoint
-from .treecopy import copy_tree
+from .mounts import is_mountpoint
+from .treecopy import (
+    DirNode,
+    Entry,
+    FdBudget,
+    LinkMember,
+    copy_tree,
+    default_workers,
+    hand_down,
+    link_groups,
+    open_task_dirs,
+    run_parallel,
+    scan_tree,
+    set_dir_meta,
+)
+
+__all__ = ["DirNode", "MergeStats", "scan_upper", "apply_upper", "merge_upper",
+           "merge_into_new", "check_merge_args", "default_workers"]
 
 
-@dataclass
-class DirNode:
-    """One scanned upper directory."""
-
-    rel: str
-    st: os.stat_result
-    xattrs: dict[str, bytes]
-    entries: list[tuple[str, os.stat_result, dict[str, bytes]]] = field(default_factory=list)
-    subdirs: list[DirNode] = field(default_factory=list)
-
-    @property
-    def opaque(self) -> bool:
-        return self.xattrs.get(fsops.OVL_OPAQUE) == b"y"
-
-    @property
-    def has_xwhiteouts(self) -> bool:
-        return self.xattrs.get(fsops.OVL_OPAQUE) == b"x"
-
-
-@dataclass
 class MergeStats:
-    dirs: int = 0
-    files: int = 0
-    whiteouts: int = 0
-
-
-def default_workers(path: str | Path) -> int:
-    # Local disks gain little past a few threads per core; FUSE round trips gain more.
-    cpus = os.cpu_count() or 2
-    return min(64, cpus * (8 if is_fuse(path) else 2))
-
-
-def _run_parallel(first: Iterable[object], fn: Callable[[object], list[object]],
-                  workers: int) -> None:
-    """Run ``fn`` on every task on ``workers`` threads; each call returns further tasks.
-
-    The first error stops the run (remaining tasks are dropped) and is raised here.
-    """
-    tasks: queue.SimpleQueue[object] = queue.SimpleQueue()
-    lock = threading.Lock()
-    outstanding = 0
-    errors: list[BaseException] = []
-    done = threading.Event()
-    for t in first:
-        tasks.put(t)
-        outstanding += 1
-    if outstanding == 0:
-        return
-
-    def worker() -> None:
-        nonlocal outstanding
-        while not done.is_set():
-            task = tasks.get()
-            if task is _STOP:
-                return
-            try:
-                children = [] if errors else fn(task)
-            except BaseException as e:  # noqa: BLE001 - handed to the caller
-                children = []
-                with lock:
-                    errors.append(e)
-            with lock:
-                outstanding += len(children) - 1
-                finished = outstanding == 0
-            for c in children:
-                tasks.put(c)
-            if finished:
-                done.set()
-
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, workers))]
-    for th in threads:
-        th.start()
-    done.wait()
-    for _ in threads:
-        tasks.put(_STOP)
-    for th in threads:
-        th.join()
-    if errors:
-        raise errors[0]
-
-
-_STOP = object()
+    def __init__(self) -> None:
+        self.dirs = self.files = self.whiteouts = 0
 
 
 def scan_upper(upper: str | Path, workers: int | None = None) -> DirNode:
@@ -125,44 +60,29 @@ def scan_upper(upper: str | Path, workers: int | None = None) -> DirNode:
     st = os.lstat(upper)
     if not stat.S_ISDIR(st.st_mode):
         raise StoreError(f"upper {upper} is not a directory")
-    root = DirNode("", st, fsops.read_xattrs(upper))
     problems: list[str] = []
     lock = threading.Lock()
 
-    def scan(node_obj: object) -> list[object]:
-        node = node_obj  # type: DirNode
-        assert isinstance(node, DirNode)
-        base = os.path.join(upper, node.rel)
-        if fsops.OVL_REDIRECT in node.xattrs:
-            with lock:
-                problems.append(f"{node.rel or '/'}: trusted.overlay.redirect (redirect_dir)")
-        children: list[object] = []
-        with os.scandir(base) as it:
-            for entry in it:
-                est = entry.stat(follow_symlinks=False)
-                xa = fsops.read_xattrs(entry.path)
-                rel = os.path.join(node.rel, entry.name)
-                if stat.S_ISDIR(est.st_mode):
-                    child = DirNode(rel, est, xa)
-                    node.subdirs.append(child)
-                    children.append(child)
-                else:
-                    for attr, what in ((fsops.OVL_METACOPY, "metacopy"),
-                                       (fsops.OVL_REDIRECT, "redirect")):
-                        if attr in xa:
-                            with lock:
-                                problems.append(f"{rel}: {attr} ({what})")
-                    node.entries.append((entry.name, est, xa))
-        return children
+    def check(node: DirNode, entry: Entry | None) -> None:
+        if entry is None:
+            if fsops.OVL_REDIRECT in node.xattrs:
+                with lock:
+                    problems.append(f"{node.show()}: trusted.overlay.redirect (redirect_dir)")
+            return
+        name, _st, xa = entry
+        for attr, what in ((fsops.OVL_METACOPY, "metacopy"), (fsops.OVL_REDIRECT, "redirect")):
+            if attr in xa:
+                with lock:
+                    problems.append(f"{safepath.show((*node.parts(), name))}: {attr} ({what})")
 
-    _run_parallel([root], scan, workers or default_workers(upper))
+    tree = scan_tree(upper, workers, check)
     if problems:
         shown = "; ".join(sorted(problems)[:5])
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise MergeRefused(
             f"upper {upper} was written with redirect_dir or metacopy enabled, which an offline "
             f"merge cannot resolve; mount with redirect_dir=off,metacopy=off: {shown}{more}")
-    return root
+    return tree
 
 
 def _is_whiteout(st: os.stat_result, xa: dict[str, bytes], parent: DirNode) -> bool:
@@ -170,11 +90,6 @@ def _is_whiteout(st: os.stat_result, xa: dict[str, bytes], parent: DirNode) -> b
         return True
     return (parent.has_xwhiteouts and stat.S_ISREG(st.st_mode) and st.st_size == 0
             and fsops.OVL_WHITEOUT in xa)
-
-
-def _whiteout(dst: str) -> None:
-    """A whiteout as overlayfs makes one: a 0/0 character device."""
-    os.mknod(dst, stat.S_IFCHR, os.makedev(0, 0))
 
 
 def apply_upper(tree: DirNode, upper: str | Path, dest: str | Path,
@@ -185,89 +100,99 @@ def apply_upper(tree: DirNode, upper: str | Path, dest: str | Path,
     sits on the image): whiteouts are kept as whiteouts, and a directory that hid what
     is below it (opaque in the upper, or over a lower non-directory) stays opaque.
     """
-    upper = os.fspath(upper)
-    dest = os.fspath(dest)
     stats = MergeStats()
     lock = threading.Lock()
-    dir_meta: list[tuple[str, DirNode, bool]] = [(dest, tree, False)]
-    links: dict[tuple[int, int], list[tuple[str, str, os.stat_result, dict[str, bytes]]]] = {}
+    budget = FdBudget()
+    dir_meta: list[tuple[DirNode, dict[str, bytes]]] = []
+    links: dict[tuple[int, int], list[LinkMember]] = {}
+    ufd, dfd = safepath.open_root(upper), safepath.open_root(dest)
 
     def apply(task: object) -> list[object]:
-        node, ddir, lower_present = task  # type: ignore[misc]
-        files = whiteouts = 0
-        for name, st, xa in node.entries:
-            dst = os.path.join(ddir, name)
-            if _is_whiteout(st, xa, node):
-                if lower_present:
-                    fsops.remove_any(dst)
-                if layer:
-                    _whiteout(dst)
-                whiteouts += 1
-                continue
-            vis = fsops.visible_xattrs(xa)
-            src = os.path.join(upper, node.rel, name)
-            files += 1
-            if st.st_nlink > 1:  # hard link group: created together once all dirs exist
-                if lower_present:
-                    fsops.remove_any(dst)
-                with lock:
-                    links.setdefault((st.st_dev, st.st_ino), []).append((src, dst, st, vis))
-                continue
-            if lower_present:
-                # A lower file with other links is replaced, so they keep their content;
-                # a single-link one is rewritten in place (cheaper, same result).
-                if stat.S_ISREG(st.st_mode) and fsops.overwrite_file(src, dst, st, vis):
-                    continue
-                fsops.remove_any(dst)
-            fsops.copy_entry(src, dst, st, vis)
+        node, fds, lower_present, opaque = task  # type: ignore[misc]
+        u, d = open_task_dirs([ufd, dfd], node, fds, budget)
         children: list[object] = []
-        metas = []
-        for sub in node.subdirs:
-            dst = os.path.join(ddir, os.path.basename(sub.rel))
-            child_lower = False
-            opaque = sub.opaque
-            if lower_present:
-                if sub.opaque:
-                    fsops.remove_any(dst)
-                else:
-                    try:
-                        if stat.S_ISDIR(os.lstat(dst).st_mode):
-                            child_lower = True
-                            opaque = fsops.read_xattrs(dst).get(fsops.OVL_OPAQUE) == b"y"
-                        else:
-                            os.unlink(dst)  # it hid the layers below: so does the dir
-                            opaque = True
-                    except FileNotFoundError:
-                        pass
-            if not child_lower:
-                os.mkdir(dst, 0o700)
-            metas.append((dst, sub, layer and opaque))
-            children.append((sub, dst, child_lower))
-        with lock:
-            stats.files += files
-            stats.whiteouts += whiteouts
-            stats.dirs += len(node.subdirs)
-            dir_meta.extend(metas)
-        return children
-
-    _run_parallel([(tree, dest, True)], apply, workers or default_workers(dest))
-    for group in links.values():
-        first = group[0]
-        fsops.copy_entry(first[0], first[1], first[2], first[3])
-        for _src, dst, _st, _xa in group[1:]:
-            os.link(first[1], dst)
-    # Directory metadata last: creating entries changes a directory's mtime.
-    def set_meta(task: object) -> list[object]:
-        for path, node, opaque in task:  # type: ignore[attr-defined]
+        try:
             xattrs = fsops.visible_xattrs(node.xattrs)
             if opaque:
                 xattrs[fsops.OVL_OPAQUE] = b"y"
-            fsops.apply_meta(path, node.st, xattrs, replace_xattrs=True)
-        return []
+            files = whiteouts = 0
+            for name, st, xa in node.entries:
+                if _is_whiteout(st, xa, node):
+                    if lower_present:
+                        safepath.remove(d, name)
+                    if layer:  # a whiteout as overlayfs makes one: a 0/0 character device
+                        os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=d)
+                    whiteouts += 1
+                    continue
+                vis = fsops.visible_xattrs(xa)
+                files += 1
+                if st.st_nlink > 1:  # hard link group: created together once all dirs exist
+                    if lower_present:
+                        safepath.remove(d, name)
+                    with lock:
+                        links.setdefault((st.st_dev, st.st_ino), []).append((node, name, st, vis))
+                    continue
+                if lower_present:
+                    # A lower file with other links is replaced, so they keep their content;
+                    # a single-link one is rewritten in place (cheaper, same result).
+                    if stat.S_ISREG(st.st_mode) and fsops.overwrite_file(u, name, d, name, st,
+                                                                         vis):
+                        continue
+                    safepath.remove(d, name)
+                fsops.copy_entry(u, name, d, name, st, vis)
+            for sub in node.subdirs:
+                child_lower = False
+                sub_opaque = sub.opaque
+                if lower_present:
+                    if sub.opaque:
+                        safepath.remove(d, sub.name)
+                    else:
+                        lst = safepath.lstat_or_none(d, sub.name)
+                        if lst is not None and stat.S_ISDIR(lst.st_mode):
+                            child_lower = True
+                            sub_opaque = safepath.read_xattrs(d, sub.name).get(
+                                fsops.OVL_OPAQUE) == b"y"
+                        elif lst is not None:
+                            # It hid the layers below: so does the directory.
+                            os.unlink(sub.name, dir_fd=d)
+                            sub_opaque = True
+                if not child_lower:
+                    os.mkdir(sub.name, 0o700, dir_fd=d)
+                children.append((sub, hand_down([u, d], sub.name, budget), child_lower,
+                                 layer and sub_opaque))
+            with lock:
+                stats.files += files
+                stats.whiteouts += whiteouts
+                stats.dirs += len(node.subdirs)
+                dir_meta.append((node, xattrs))
+        except BaseException:
+            for _sub, cfds, _l, _o in children:  # type: ignore[misc]
+                _drop_fds(budget, cfds)
+            raise
+        finally:
+            os.close(u)
+            os.close(d)
+        return children
 
-    batches = [dir_meta[i:i + 256] for i in range(0, len(dir_meta), 256)]
-    _run_parallel(batches, set_meta, workers or default_workers(dest))
+    def drop(task: object) -> None:
+        _drop_fds(budget, task[1])  # type: ignore[index]
+
+    try:
+        n = workers or default_workers(dest)
+        run_parallel([(tree, None, True, False)], apply, n, drop)
+        link_groups(ufd, dfd, links.values())
+        set_dir_meta(dfd, dir_meta, n)
+    finally:
+        os.close(ufd)
+        os.close(dfd)
     return stats
+
+
+def _drop_fds(budget: FdBudget, fds: list[int] | None) -> None:
+    if fds is not None:
+        budget.give(len(fds))
+        for fd in fds:
+            os.close(fd)
 
 
 def merge_upper(upper: str | Path, dest: str | Path, workers: int | None = None) -> MergeStats:
@@ -308,7 +233,7 @@ def _remove_stale_tmps(into: Path) -> None:
             os.kill(int(pid), 0)
             continue  # still running
         except ProcessLookupError:
-            fsops.remove_any(os.fspath(p))
+            safepath.remove_tree(p)
         except PermissionError:
             continue
 
@@ -322,13 +247,12 @@ def merge_into_new(lower: str | Path, upper: str | Path, into: str | Path,
     _remove_stale_tmps(into)
     tmp = into.parent / f"{_TMP_TAG.format(name=into.name)}{os.getpid()}"
     try:
-        copy_tree(lower, tmp)
+        copy_tree(lower, tmp, workers)
         crashpoint("merge.copied")
         stats = apply_upper(tree, upper, tmp, workers)
         crashpoint("merge.applied")
         os.rename(tmp, into)
     except BaseException:
-        if tmp.exists():
-            fsops.remove_tree(tmp)
+        safepath.remove_tree(tmp)
         raise
     return stats

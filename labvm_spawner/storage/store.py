@@ -27,12 +27,13 @@ import fcntl
 import json
 import os
 import re
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import fsops
+from . import safepath
 from .crash import crashpoint
 from .errors import StoreError
 from .merge import MergeStats, apply_upper, scan_upper
@@ -67,14 +68,15 @@ class LayerStore:
 
     # ---- layout -------------------------------------------------------------
     def key_dir(self, key: str) -> Path:
-        if not _KEY.match(key):
+        if not isinstance(key, str) or not _KEY.fullmatch(key):
             raise StoreError(f"invalid layer key {key!r}")
         return self.root / key
 
     def keys(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _KEY.match(p.name))
+        return sorted(p.name for p in self.root.iterdir()
+                      if _KEY.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
 
     def versions(self, key: str) -> list[int]:
         """Published version numbers of ``key``, oldest first."""
@@ -126,7 +128,7 @@ class LayerStore:
             if d.is_dir():
                 for p in sorted(d.iterdir()):
                     what = "partial version" if sub == ".staging" else "half-deleted version"
-                    fix(f"{what} {sub}/{p.name}", lambda p=p: fsops.remove_any(os.fspath(p)))
+                    fix(f"{what} {sub}/{p.name}", lambda p=p: safepath.remove_tree(p))
         for p in sorted(kdir.glob("upper-sync.index.*.tmp")):
             fix(f"stale sync index {p.name}", lambda p=p: p.unlink())
         for p in sorted(kdir.glob(".current.*.tmp")):
@@ -135,8 +137,7 @@ class LayerStore:
         if vdir.is_dir():
             for p in sorted(vdir.iterdir()):
                 if not p.name.isdigit() or not p.is_dir() or p.is_symlink():
-                    fix(f"stray entry versions/{p.name}",
-                        lambda p=p: fsops.remove_any(os.fspath(p)))
+                    fix(f"stray entry versions/{p.name}", lambda p=p: safepath.remove_tree(p))
         versions = [n for n in self.versions(key) if self.version_path(key, n).is_dir()]
         cur = self.current_version(key)
         link = kdir / "current"
@@ -155,12 +156,10 @@ class LayerStore:
                     lambda n=n: self._delete_version(key, n))
         sync_dir = self.sync_path(key)
         if deep and sync_dir.is_dir():  # a full walk: fsck only, not every commit
-            for dirpath, dirnames, filenames in os.walk(sync_dir):
-                for name in filenames + dirnames:
-                    if name.startswith(TMP_PREFIX):
-                        p = os.path.join(dirpath, name)
-                        fix(f"sync temp file {os.path.relpath(p, kdir)}",
-                            lambda p=p: fsops.remove_any(p))
+            for rel in _sync_temps(sync_dir, repair):
+                report.problems.append(f"{key}: sync temp file upper-sync/{rel}")
+                if repair:
+                    report.repaired.append(f"{key}: sync temp file upper-sync/{rel}")
 
     def _recover(self, key: str) -> None:
         """Called with the key lock held: finish or roll back whatever a crash left."""
@@ -179,8 +178,7 @@ class LayerStore:
         staging = self.key_dir(key) / ".staging"
         staging.mkdir(parents=True, exist_ok=True)
         tmp = staging / str(n)
-        if tmp.exists() or tmp.is_symlink():
-            fsops.remove_any(os.fspath(tmp))
+        safepath.remove_tree(tmp)
         return tmp
 
     def _next_number(self, key: str) -> int:
@@ -231,11 +229,10 @@ class LayerStore:
         trash = self.key_dir(key) / ".trash"
         trash.mkdir(exist_ok=True)
         target = trash / str(n)
-        if target.exists():
-            fsops.remove_any(os.fspath(target))
+        safepath.remove_tree(target)
         os.rename(self.version_path(key, n), target)
         crashpoint("delete.renamed")
-        fsops.remove_tree(target)
+        safepath.remove_tree(target)
         crashpoint("delete.removed")
 
     def prune(self, key: str, keep: int | None = None) -> list[int]:
@@ -266,7 +263,7 @@ class LayerStore:
             base = self.version_path(key, cur) if cur is not None else base
             n = self._next_number(key)
             tmp = self._staging(key, n)
-            copy_tree(base, tmp)
+            copy_tree(base, tmp, workers)
             crashpoint("commit.copied")
             # A version is a layer over the image: deletions and opaque directories
             # must keep hiding what the image has below them.
@@ -360,7 +357,7 @@ class LayerStore:
         if trash.is_dir():
             for p in list(trash.iterdir()):
                 with contextlib.suppress(FileNotFoundError):
-                    fsops.remove_any(os.fspath(p))
+                    safepath.remove_tree(p)
 
     def merge_pending(self, key: str, workers: int | None = None) -> list[int]:
         """Merge every unmerged pending layer, oldest first, into new versions."""
@@ -392,6 +389,30 @@ class LayerStore:
 
 
 TMP_PREFIX = ".labvm-sync-tmp."
+
+
+def _sync_temps(sync_dir: Path, remove: bool) -> list[str]:
+    """Paths of the sync's temporary files left in ``sync_dir`` by a crash (removed with
+    ``remove``). The copy holds a user's tree: walked through ``safepath``."""
+    found: list[str] = []
+
+    def enter(w: safepath.Walk, fds: list[int], _ctx: object) -> tuple[list[str], None]:
+        subdirs = []
+        for name, st in safepath.scandir(fds[0]).items():
+            if name.startswith(TMP_PREFIX):
+                found.append(safepath.show((*w.path, name)))
+                if remove:
+                    safepath.remove(fds[0], name)
+            elif stat.S_ISDIR(st.st_mode):
+                subdirs.append(name)
+        return subdirs, None
+
+    fd = safepath.open_root(sync_dir)
+    try:
+        safepath.walk([fd], enter, lost=lambda w, e: None)
+    finally:
+        os.close(fd)
+    return found
 
 
 def _fsync_dir(path: Path) -> None:

@@ -11,28 +11,135 @@ first sync, one after a journal overflow and every sync without a journal do a
 full rescan, which skips entries whose upper inode and ctime match the index of
 the last sync (kept in memory and saved beside the copy on close).
 
+The upper belongs to the container's root, who may reshape it while we copy, and
+the copy holds the user's symlinks too. So both trees are entered only through
+``safepath``: every directory is reached from a descriptor without following a
+symlink, and a name that is not what we expected (a symlink where a directory
+was) is a change to read again, never a path to follow. An entry that cannot be
+copied is logged, counted in the stats and retried at the next pass; the sync
+itself goes on.
+
 Each entry is written under a temporary name and renamed into place, so a crash
 leaves every path old or new; the next (rescan) sync and ``fsck`` clean up.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import secrets
 import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any
 
-from . import fsops
+from . import fsops, safepath
 from .crash import crashpoint
 from .journal import ChangeJournal
+from .safepath import Parts
 from .store import TMP_PREFIX
 
-# path -> (inode, ctime_ns) of the upper entry as last copied
-Index = dict[str, tuple[int, int]]
+log = logging.getLogger(__name__)
+
+# Errors logged one by one per pass; the rest only counted.
+_LOGGED = 20
+
+
+class Node:
+    """What the index knows of one upper entry: inode and ctime as last copied, and for
+    a directory its entries (so dropping a directory drops its subtree at once)."""
+
+    __slots__ = ("ino", "ctime", "kids")
+
+    def __init__(self, ino: int = 0, ctime: int = 0, kids: dict[str, Node] | None = None):
+        self.ino, self.ctime, self.kids = ino, ctime, kids
+
+    def child(self, name: str) -> Node | None:
+        return self.kids.get(name) if self.kids is not None else None
+
+    def dir(self, name: str) -> Node:
+        """The directory record ``name`` below this one, made (empty) if needed."""
+        assert self.kids is not None
+        node = self.kids.get(name)
+        if node is None or node.kids is None:
+            node = self.kids[name] = Node(kids={})
+        return node
+
+
+class Index:
+    """The sync's record of the upper as last copied, as a tree of ``Node``."""
+
+    def __init__(self) -> None:
+        self.root = Node(kids={})
+
+    def find(self, parts: Parts) -> Node | None:
+        node: Node | None = self.root
+        for name in parts:
+            node = node.child(name) if node is not None else None
+        return node
+
+    def dir(self, parts: Parts) -> Node:
+        node = self.root
+        for name in parts:
+            node = node.dir(name)
+        return node
+
+    def paths(self) -> dict[str, tuple[int, int]]:
+        """Every recorded path ("a/b") with its (inode, ctime); for tests and tools."""
+        out: dict[str, tuple[int, int]] = {}
+        stack: list[tuple[str, Node]] = [("", self.root)]
+        while stack:
+            rel, node = stack.pop()
+            for name, kid in (node.kids or {}).items():
+                path = f"{rel}/{name}" if rel else name
+                out[path] = (kid.ino, kid.ctime)
+                if kid.kids is not None:
+                    stack.append((path, kid))
+        return out
+
+    def __contains__(self, rel: str) -> bool:
+        return self.find(safepath.split(rel)) is not None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Index) and self.paths() == other.paths()
+
+    # Saved as rows [parent row, name, inode, ctime, is_dir] in walk order (row 0 is
+    # the root): flat, so any depth loads without recursion.
+    def dump(self) -> dict[str, Any]:
+        rows: list[list[Any]] = []
+        stack: list[tuple[int, Node]] = [(0, self.root)]
+        while stack:
+            parent, node = stack.pop()
+            for name, kid in (node.kids or {}).items():
+                rows.append([parent, name, kid.ino, kid.ctime, kid.kids is not None])
+                if kid.kids is not None:
+                    stack.append((len(rows), kid))
+        return {"v": 2, "rows": rows}
+
+    @classmethod
+    def load(cls, data: Any) -> Index:
+        """An index from ``dump()`` output; ValueError on anything malformed (the file
+        lives in a store others can write, so every field is checked)."""
+        index = cls()
+        if not isinstance(data, dict) or data.get("v") != 2 or not isinstance(
+                data.get("rows"), list):
+            raise ValueError("not an index")
+        nodes = [index.root]
+        for row in data["rows"]:
+            if not (isinstance(row, list) and len(row) == 5 and isinstance(row[0], int)
+                    and isinstance(row[1], str) and type(row[2]) is int
+                    and type(row[3]) is int and isinstance(row[4], bool)):
+                raise ValueError("bad index row")
+            parent = nodes[row[0]] if 0 <= row[0] < len(nodes) else None
+            if parent is None or parent.kids is None:
+                raise ValueError("bad index parent")
+            node = Node(row[2], row[3], {} if row[4] else None)
+            parent.kids[safepath.check_name(row[1])] = node
+            nodes.append(node)
+        return index
 
 
 @dataclass
@@ -41,7 +148,9 @@ class SyncStats:
     deleted: int = 0
     dirs: int = 0
     dir_meta: int = 0
+    errors: int = 0
     rescan: bool = False
+    failed: list[str] = field(default_factory=list)  # the first few paths that failed
 
     @property
     def changed(self) -> int:
@@ -49,55 +158,359 @@ class SyncStats:
 
     def __str__(self) -> str:
         how = "rescan" if self.rescan else "journal"
-        return f"{self.copied} copied, {self.deleted} deleted, {self.dirs} dirs ({how})"
+        errors = f", {self.errors} errors" if self.errors else ""
+        return f"{self.copied} copied, {self.deleted} deleted, {self.dirs} dirs ({how}){errors}"
 
 
-def _replace(tmp: str, dst: str) -> None:
+class _Pass:
+    """One sync pass over (upper, mirror), opened as descriptors."""
+
+    def __init__(self, sync: UpperSync, upper: int, mirror: int, stats: SyncStats) -> None:
+        self.s, self.upper, self.mirror, self.stats = sync, upper, mirror, stats
+        self.lock = threading.Lock()
+
+    # ---- failures ----------------------------------------------------------------
+    def failed(self, parts: Parts, e: OSError) -> None:
+        """Count and log an entry that could not be synced; the next pass retries it."""
+        with self.lock:
+            self.s.retry.add(parts)
+            if safepath.changed(e):
+                return  # it changed while we looked: not an error, just read it again
+            self.stats.errors += 1
+            if len(self.stats.failed) < _LOGGED:
+                self.stats.failed.append(safepath.show(parts))
+                log.warning("sync of %s: cannot copy %s: %s", self.s.upper,
+                            safepath.show(parts), e.strerror or e)
+
+    # ---- one entry ---------------------------------------------------------------
+    def delete(self, m: int, name: str, parent: Node) -> None:
+        if safepath.remove(m, name):
+            with self.lock:
+                self.stats.deleted += 1
+            crashpoint("sync.deleted")
+        with self.lock:
+            if parent.kids is not None:
+                parent.kids.pop(name, None)
+
+    def make_dir(self, m: int, name: str, mst: os.stat_result | None, parent: Node) -> bool:
+        """Make the mirror's ``name`` a directory; True when it was (re)created."""
+        if mst is not None and stat.S_ISDIR(mst.st_mode):
+            parent.dir(name)
+            return False
+        if mst is not None:
+            self.delete(m, name, parent)
+        os.mkdir(name, 0o700, dir_fd=m)
+        with self.lock:
+            assert parent.kids is not None
+            parent.kids[name] = Node(kids={})
+            self.stats.dirs += 1
+        crashpoint("sync.dir_created")
+        return True
+
+    def differs(self, u: int, m: int, name: str, st: os.stat_result,
+                mst: os.stat_result, known: Node | None) -> bool:
+        if stat.S_IFMT(st.st_mode) != stat.S_IFMT(mst.st_mode):
+            return True
+        if known is not None and known.ino:
+            return (known.ino, known.ctime) != (st.st_ino, st.st_ctime_ns)
+        # No record (first run on an existing copy): compare what a copy keeps.
+        if (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_rdev) != (
+                mst.st_mode, mst.st_uid, mst.st_gid, mst.st_size, mst.st_rdev):
+            return True
+        if st.st_mtime_ns // 10**9 != mst.st_mtime_ns // 10**9:
+            return True
+        if safepath.read_xattrs(u, name) != safepath.read_xattrs(m, name):
+            return True
+        if stat.S_ISLNK(st.st_mode):
+            return os.readlink(name, dir_fd=u) != os.readlink(name, dir_fd=m)
+        return False
+
+    def copy(self, u: int, m: int, name: str, parts: Parts, st: os.stat_result,
+             parent: Node) -> None:
+        """Copy the non-directory ``name`` from upper dir ``u`` to mirror dir ``m``."""
+        tmp = f"{TMP_PREFIX}{secrets.token_hex(6)}"
+        group = None
+        try:
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                group, copied = self._link_or_copy(u, m, name, parts, st, tmp)
+            else:
+                copied = fsops.copy_entry(u, name, m, tmp, st)
+        except OSError:
+            _unlink_quiet(m, tmp)
+            raise
+        crashpoint("sync.tmp_written")
+        self._rename_into_place(m, tmp, name, parent)
+        crashpoint("sync.renamed")
+        with self.lock:
+            assert parent.kids is not None
+            parent.kids[name] = Node(copied.st_ino, copied.st_ctime_ns)
+            self.stats.copied += 1
+        if group is not None:
+            self._relink_group(group, parts, m, name, copied)
+
+    def _link_or_copy(self, u: int, m: int, name: str, parts: Parts, st: os.stat_result,
+                      tmp: str) -> tuple[set[Parts], os.stat_result]:
+        group = self.s.links.setdefault(st.st_ino, set())
+        for other in group:
+            if other == parts:
+                continue
+            known = self.s.index.find(other)
+            if known is None or (known.ino, known.ctime) != (st.st_ino, st.st_ctime_ns):
+                continue
+            try:  # same inode, content already current: link to that copy
+                sm = safepath.open_dir(self.mirror, other[:-1])
+            except OSError:
+                continue
+            try:
+                os.link(other[-1], tmp, src_dir_fd=sm, dst_dir_fd=m, follow_symlinks=False)
+                return group, st
+            except OSError:
+                continue
+            finally:
+                os.close(sm)
+        return group, fsops.copy_entry(u, name, m, tmp, st)
+
+    def _rename_into_place(self, m: int, tmp: str, name: str, parent: Node) -> None:
+        try:
+            _replace(m, tmp, name)
+        except OSError as e:
+            if e.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                _unlink_quiet(m, tmp)
+                raise
+            # A directory is in the way: it goes, with what the index had below it.
+            self.delete(m, name, parent)
+            os.rename(tmp, name, src_dir_fd=m, dst_dir_fd=m)
+
+    def _relink_group(self, group: set[Parts], parts: Parts, m: int, name: str,
+                      copied: os.stat_result) -> None:
+        """The other names of this inode share its (possibly new) content."""
+        group.add(parts)
+        for other in list(group):
+            if other == parts:
+                continue
+            try:
+                uo = safepath.open_dir(self.upper, other[:-1])
+            except OSError:
+                group.discard(other)
+                continue
+            try:
+                ost = safepath.lstat_or_none(uo, other[-1])
+            finally:
+                os.close(uo)
+            if ost is None or ost.st_ino != copied.st_ino:
+                group.discard(other)
+                continue
+            try:
+                mo = safepath.open_dir(self.mirror, other[:-1])
+            except OSError:
+                continue  # its directory is new: synced with it
+            try:
+                t2 = f"{TMP_PREFIX}{secrets.token_hex(6)}"
+                os.link(name, t2, src_dir_fd=m, dst_dir_fd=mo, follow_symlinks=False)
+                _replace(mo, t2, other[-1])
+                self.s.index.dir(other[:-1]).kids[other[-1]] = Node(ost.st_ino, ost.st_ctime_ns)
+            except OSError as e:
+                self.failed(other, e)
+            finally:
+                os.close(mo)
+
+    def entry(self, u: int, m: int, name: str, parts: Parts, parent: Node) -> None:
+        """Bring the mirror's ``name`` in line with the upper's, not descending."""
+        try:
+            st = safepath.lstat(u, name)
+        except (FileNotFoundError, NotADirectoryError):
+            self.delete(m, name, parent)
+            return
+        mst = safepath.lstat_or_none(m, name)
+        if stat.S_ISDIR(st.st_mode):
+            if self.make_dir(m, name, mst, parent):
+                with self.lock:  # new here: what is inside comes with the next pass
+                    self.s.retry.add(parts)
+            return
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            self.s.links.setdefault(st.st_ino, set()).add(parts)
+        if mst is None or self.differs(u, m, name, st, mst, parent.child(name)):
+            self.copy(u, m, name, parts, st, parent)
+
+    def dir_meta(self, u: int, m: int, node: Node) -> None:
+        """The upper directory ``u``'s owner, mode, xattrs and times onto mirror dir ``m``."""
+        st = os.fstat(u)
+        fsops.apply_meta_fd(m, st, safepath.read_xattrs(u), replace_xattrs=True)
+        node.ino, node.ctime = st.st_ino, st.st_ctime_ns
+        self.stats.dir_meta += 1
+
+    # ---- trees -------------------------------------------------------------------
+    def tree(self, u: int, m: int, node: Node, top: Parts) -> None:
+        """Full comparison of upper dir ``u`` (at ``top``) and mirror dir ``m``, below."""
+
+        def enter(w: safepath.Walk, fds: list[int], parent: Node | None) -> tuple[list[str],
+                                                                                  Node]:
+            here = node if parent is None else parent.dir(w.path[-1])
+            base = (*top, *w.path)
+            ufd, mfd = fds
+            try:
+                wanted = safepath.scandir(ufd)
+                present = safepath.scandir(mfd)
+            except OSError as e:
+                self.failed(base, e)
+                return [], here
+            subdirs = []
+            for name in present.keys() - wanted.keys():
+                try:
+                    self.delete(mfd, name, here)
+                except OSError as e:
+                    self.failed((*base, name), e)
+            for name, st in wanted.items():
+                parts = (*base, name)
+                try:
+                    if stat.S_ISDIR(st.st_mode):
+                        self.make_dir(mfd, name, present.get(name), here)
+                        subdirs.append(name)
+                        continue
+                    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                        self.s.links.setdefault(st.st_ino, set()).add(parts)
+                    mst = present.get(name)
+                    if mst is None or self.differs(ufd, mfd, name, st, mst, here.child(name)):
+                        self.copy(ufd, mfd, name, parts, st, here)
+                except OSError as e:
+                    self.failed(parts, e)
+            return subdirs, here
+
+        def leave(w: safepath.Walk, _parent: list[int], _name: str, fds: list[int],
+                  here: Node) -> None:
+            try:
+                self.dir_meta(fds[0], fds[1], here)
+            except OSError as e:
+                self.failed((*top, *w.path), e)
+
+        def lost(w: safepath.Walk, e: OSError) -> None:
+            self.failed((*top, *w.path), e)
+
+        safepath.walk([u, m], enter, leave, lost)
+
+    def subtree(self, parts: Parts, parent: Node) -> None:
+        """Full comparison of the directory ``parts`` (both parents resolve), with its meta."""
+        try:
+            u = safepath.open_dir(self.upper, parts)
+        except OSError as e:
+            self.failed(parts, e)
+            return
+        try:
+            m = safepath.open_dir(self.mirror, parts)
+        except OSError as e:
+            os.close(u)
+            self.failed(parts, e)
+            return
+        try:
+            node = parent.dir(parts[-1]) if parts else self.s.index.root
+            self.tree(u, m, node, parts)
+            self.dir_meta(u, m, node)
+        except OSError as e:
+            self.failed(parts, e)
+        finally:
+            os.close(u)
+            os.close(m)
+
+    def parents(self, parts: Parts) -> tuple[int, int] | None:
+        """Both trees' directories holding ``parts[-1]``, when both are what the index
+        expects; else the first component that is not is synced as a change of its own
+        (a symlink or file now where a directory was, in either tree) and None returned."""
+        try:
+            u = safepath.open_dir(self.upper, parts[:-1])
+        except OSError as e:
+            if not safepath.changed(e):
+                raise
+            u = -1
+        if u >= 0:
+            try:
+                return u, safepath.open_dir(self.mirror, parts[:-1])
+            except OSError as e:
+                os.close(u)
+                if not safepath.changed(e):
+                    raise
+        self.reconcile_ancestors(parts)
+        return None
+
+    def reconcile_ancestors(self, parts: Parts) -> None:
+        u, m = os.dup(self.upper), os.dup(self.mirror)
+        node = self.s.index.root
+        try:
+            for i, name in enumerate(parts[:-1]):
+                try:
+                    nu = safepath.open_child(u, name)
+                except OSError as e:
+                    if not safepath.changed(e):
+                        raise
+                    self.entry(u, m, name, parts[:i + 1], node)
+                    return
+                try:
+                    nm = safepath.open_child(m, name)
+                except OSError as e:
+                    os.close(nu)
+                    if not safepath.changed(e):
+                        raise
+                    self.entry(u, m, name, parts[:i + 1], node)  # now a directory
+                    self.subtree(parts[:i + 1], node)
+                    return
+                os.close(u)
+                os.close(m)
+                u, m = nu, nm
+                node = node.dir(name)
+        finally:
+            os.close(u)
+            os.close(m)
+
+
+def _replace(dirfd: int, tmp: str, dst: str) -> None:
     """rename(2), minding that renaming onto another link of the same inode is a no-op."""
-    os.rename(tmp, dst)
+    os.rename(tmp, dst, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+    a, b = safepath.lstat_or_none(dirfd, tmp), safepath.lstat_or_none(dirfd, dst)
+    if a is not None and b is not None and os.path.samestat(a, b):
+        os.unlink(tmp, dir_fd=dirfd)
+
+
+def _unlink_quiet(dirfd: int, name: str) -> None:
     try:
-        if os.path.samestat(os.lstat(tmp), os.lstat(dst)):
-            os.unlink(tmp)
+        os.unlink(name, dir_fd=dirfd)
     except FileNotFoundError:
         pass
+
+
+def _depth_first(parts: Parts) -> tuple[int, Parts]:
+    return (len(parts), parts)
 
 
 class UpperSync:
     """Keeps ``mirror`` a faithful copy of the upper directory ``upper``."""
 
-    def __init__(self, upper: str | Path, mirror: str | Path, journal: bool = True) -> None:
+    def __init__(self, upper: str | os.PathLike[str], mirror: str | os.PathLike[str],
+                 journal: bool = True) -> None:
         self.upper = os.fspath(upper)
         self.mirror = os.fspath(mirror)
         self.index_file = self.mirror.rstrip("/") + ".index"
-        self.index: Index = self._load_index()
+        self.index = self._load_index()
         # inode -> paths, only for regular files with more than one link
-        self.links: dict[int, set[str]] = {}
+        self.links: dict[int, set[Parts]] = {}
+        # paths that failed or changed under the last pass: looked at again in the next
+        self.retry: set[Parts] = set()
         self.journal = ChangeJournal(self.upper) if journal else None
         self._need_rescan = True
-        self._lock = threading.Lock()  # stats and link groups, updated from copy threads
+        self.last = SyncStats()
 
-    # ---- index -----------------------------------------------------------------
+    # ---- index -------------------------------------------------------------------
     def _load_index(self) -> Index:
         # Plain JSON, never pickle: on a store shared by nodes, loading a pickle would
         # let whoever can write the store run code on every node that syncs.
         try:
             with open(self.index_file, encoding="utf-8") as f:
-                data = json.load(f)
+                return Index.load(json.load(f))
         except (OSError, ValueError):
-            return {}
-        if not isinstance(data, dict):
-            return {}
-        index: Index = {}
-        for path, entry in data.items():
-            if (isinstance(path, str) and isinstance(entry, list) and len(entry) == 2
-                    and all(isinstance(x, int) for x in entry)):
-                index[path] = (entry[0], entry[1])
-        return index
+            return Index()
 
     def save_index(self) -> None:
         tmp = f"{self.index_file}.{secrets.token_hex(4)}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.index, f, separators=(",", ":"))
+            json.dump(self.index.dump(), f, separators=(",", ":"))
         crashpoint("sync.index_written")
         os.replace(tmp, self.index_file)
 
@@ -107,233 +520,112 @@ class UpperSync:
             self.journal = None
         self.save_index()
 
-    # ---- one entry ---------------------------------------------------------------
-    def _u(self, rel: str) -> str:
-        return os.path.join(self.upper, rel) if rel else self.upper
-
-    def _m(self, rel: str) -> str:
-        return os.path.join(self.mirror, rel) if rel else self.mirror
-
-    def _forget(self, rel: str, was_dir: bool) -> None:
-        """Drop index entries of ``rel`` (and, for a directory, of what the mirror had below)."""
-        self.index.pop(rel, None)
-        if was_dir:
-            top = self._m(rel)
-            for dirpath, dirnames, filenames in os.walk(top):
-                for name in dirnames + filenames:
-                    self.index.pop(os.path.relpath(os.path.join(dirpath, name), self.mirror), None)
-
-    def _delete(self, rel: str, stats: SyncStats) -> None:
-        m = self._m(rel)
-        try:
-            is_dir = stat.S_ISDIR(os.lstat(m).st_mode)
-        except (FileNotFoundError, NotADirectoryError):  # gone with a parent replaced
-            self.index.pop(rel, None)
-            return
-        self._forget(rel, is_dir)
-        fsops.remove_any(m)
-        stats.deleted += 1
-        crashpoint("sync.deleted")
-
-    def _write_tmp(self, rel: str, st: os.stat_result, tmp: str) -> set[str] | None:
-        """Write the new ``rel`` at ``tmp``; returns its hard link group, if any."""
-        src = self._u(rel)
-        xa = fsops.read_xattrs(src)
-        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-            group = self.links.setdefault(st.st_ino, set())
-            sibling = next((p for p in group if p != rel and self.index.get(p, (0,))[0] == st.st_ino
-                            and os.path.lexists(self._m(p))), None)
-            if sibling is not None and self.index.get(sibling) == (st.st_ino, st.st_ctime_ns):
-                os.link(self._m(sibling), tmp)  # same inode, content already current
-            else:
-                fsops.copy_entry(src, tmp, st, xa)
-            return group
-        fsops.copy_entry(src, tmp, st, xa)
-        return None
-
-    def _copy_nondir(self, rel: str, st: os.stat_result, stats: SyncStats) -> None:
-        dst = self._m(rel)
-        tmp = os.path.join(os.path.dirname(dst), f"{TMP_PREFIX}{secrets.token_hex(6)}")
-        try:
-            group = self._write_tmp(rel, st, tmp)
-        except FileNotFoundError:
-            # Deleted while we copied: the journal has (or the rescan finds) the deletion.
-            if os.path.lexists(tmp):
-                os.unlink(tmp)
-            return
-        crashpoint("sync.tmp_written")
-        try:
-            _replace(tmp, dst)
-        except OSError:
-            if not os.path.isdir(dst) or os.path.islink(dst):
-                os.unlink(tmp)
-                raise
-            self._forget(rel, True)
-            fsops.remove_tree(dst)
-            os.rename(tmp, dst)
-        crashpoint("sync.renamed")
-        self.index[rel] = (st.st_ino, st.st_ctime_ns)
-        with self._lock:
-            stats.copied += 1
-        if group is not None:
-            group.add(rel)
-            # The other names of this inode share its (possibly new) content.
-            for other in list(group):
-                if other == rel:
-                    continue
-                try:
-                    ost = os.lstat(self._u(other))
-                except FileNotFoundError:
-                    group.discard(other)
-                    continue
-                if ost.st_ino != st.st_ino:
-                    group.discard(other)
-                    continue
-                t2 = os.path.join(os.path.dirname(self._m(other)),
-                                  f"{TMP_PREFIX}{secrets.token_hex(6)}")
-                if os.path.isdir(os.path.dirname(t2)):
-                    os.link(dst, t2)
-                    _replace(t2, self._m(other))
-                    self.index[other] = (ost.st_ino, ost.st_ctime_ns)
-
-    def _copy_if_changed(self, rel: str, st: os.stat_result, stats: SyncStats) -> None:
-        try:
-            mst = os.lstat(self._m(rel))
-        except FileNotFoundError:
-            mst = None
-        if mst is None or self._changed(rel, st, mst):
-            self._copy_nondir(rel, st, stats)
-
-    def _sync_dir_entry(self, rel: str, st: os.stat_result, stats: SyncStats) -> bool:
-        """Make the mirror's ``rel`` a directory; True when it was (re)created."""
-        m = self._m(rel)
-        try:
-            mst = os.lstat(m)
-            if stat.S_ISDIR(mst.st_mode):
-                return False
-            os.unlink(m)
-        except FileNotFoundError:
-            pass
-        os.mkdir(m, 0o700)
-        self.index.pop(rel, None)
-        stats.dirs += 1
-        crashpoint("sync.dir_created")
-        return True
-
-    def _dir_meta(self, rel: str, stats: SyncStats) -> None:
-        try:
-            st = os.lstat(self._u(rel))
-        except FileNotFoundError:
-            return
-        if stat.S_ISDIR(st.st_mode) and os.path.isdir(self._m(rel)):
-            fsops.apply_meta(self._m(rel), st, fsops.read_xattrs(self._u(rel)),
-                             replace_xattrs=True)
-            self.index[rel] = (st.st_ino, st.st_ctime_ns)
-            stats.dir_meta += 1
-
-    # ---- trees -------------------------------------------------------------------
-    def _sync_tree(self, rel: str, stats: SyncStats, dirs_done: list[str]) -> None:
-        """Full comparison of the upper's ``rel`` (a directory) with the mirror."""
-        u = self._u(rel)
-        wanted: dict[str, os.stat_result] = {}
-        try:
-            with os.scandir(u) as it:
-                for e in it:
-                    wanted[e.name] = e.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            return
-        m = self._m(rel)
-        with os.scandir(m) as it:
-            present = {e.name: e.stat(follow_symlinks=False) for e in it}
-        for name in present:
-            if name not in wanted:
-                self._delete(os.path.join(rel, name) if rel else name, stats)
-        for name, st in wanted.items():
-            crel = os.path.join(rel, name) if rel else name
-            mst = present.get(name)
-            if stat.S_ISDIR(st.st_mode):
-                if mst is None or not stat.S_ISDIR(mst.st_mode):
-                    if mst is not None:
-                        self._delete(crel, stats)
-                    self._sync_dir_entry(crel, st, stats)
-                self._sync_tree(crel, stats, dirs_done)
-                continue
-            if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
-                self.links.setdefault(st.st_ino, set()).add(crel)
-            if mst is not None and not self._changed(crel, st, mst):
-                continue
-            self._copy_nondir(crel, st, stats)
-        dirs_done.append(rel)
-
-    def _changed(self, rel: str, st: os.stat_result, mst: os.stat_result) -> bool:
-        if stat.S_IFMT(st.st_mode) != stat.S_IFMT(mst.st_mode):
-            return True
-        known = self.index.get(rel)
-        if known is not None:
-            return known != (st.st_ino, st.st_ctime_ns)
-        # No record (first run on an existing copy): compare what a copy keeps.
-        if (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_rdev) != (
-                mst.st_mode, mst.st_uid, mst.st_gid, mst.st_size, mst.st_rdev):
-            return True
-        if st.st_mtime_ns // 10**9 != mst.st_mtime_ns // 10**9:
-            return True
-        if fsops.read_xattrs(self._u(rel)) != fsops.read_xattrs(self._m(rel)):
-            return True
-        if stat.S_ISLNK(st.st_mode):
-            return os.readlink(self._u(rel)) != os.readlink(self._m(rel))
-        return False
-
+    # ---- passes ------------------------------------------------------------------
     def rescan(self) -> SyncStats:
-        stats = SyncStats(rescan=True)
-        os.makedirs(self.mirror, exist_ok=True)
-        dirs_done: list[str] = []
-        self._sync_tree("", stats, dirs_done)
-        for rel in dirs_done:  # deepest first: os.walk order reversed
-            self._dir_meta(rel, stats)
-        crashpoint("sync.rescanned")
-        return stats
+        return self._run(None)
 
-    # ---- entry point -------------------------------------------------------------
     def sync(self) -> SyncStats:
         """Bring the mirror up to date with the upper as it is now."""
         changes = self.journal.take() if self.journal is not None else None
         if changes is None or changes.rescan or self._need_rescan:
-            stats = self.rescan()
+            stats = self._run(None)
             self._need_rescan = self.journal is None
-            crashpoint("sync.done")
-            return stats
-        stats = SyncStats()
-        metas: set[str] = set()
-        files: list[tuple[str, os.stat_result]] = []
-        for rel in sorted(changes.paths | changes.trees, key=lambda p: (p.count("/"), p)):
+        else:
+            trees = changes.trees | self.retry
+            stats = self._run(changes.paths | trees, trees)
+        crashpoint("sync.done")
+        return stats
+
+    def _run(self, paths: set[Parts] | None, trees: set[Parts] | None = None) -> SyncStats:
+        stats = SyncStats(rescan=paths is None)
+        self.retry = set()
+        upper = safepath.open_root(self.upper)
+        try:
+            os.makedirs(os.path.dirname(self.mirror) or ".", exist_ok=True)
+            mirror = safepath.open_root(self.mirror, create=True)
             try:
-                st = os.lstat(self._u(rel))
-            except (FileNotFoundError, NotADirectoryError):
-                self._delete(rel, stats)
+                p = _Pass(self, upper, mirror, stats)
+                if paths is None:
+                    p.subtree((), self.index.root)
+                    crashpoint("sync.rescanned")
+                else:
+                    self._journaled(p, paths, trees or set())
+            finally:
+                os.close(mirror)
+        finally:
+            os.close(upper)
+        self.last = stats
+        return stats
+
+    def _journaled(self, p: _Pass, paths: set[Parts], trees: set[Parts]) -> None:
+        metas: set[Parts] = set()
+        files: list[Parts] = []
+        for parts in sorted(paths, key=_depth_first):
+            if not parts:
+                metas.add(parts)
                 continue
-            parent = os.path.dirname(rel)
-            if rel and not os.path.isdir(self._m(parent)):
-                continue  # its parent is new or gone: handled as part of the parent
-            if stat.S_ISDIR(st.st_mode):
-                created = self._sync_dir_entry(rel, st, stats)
-                if created or rel in changes.trees:
-                    done: list[str] = []
-                    self._sync_tree(rel, stats, done)
-                    metas.update(done)
-                metas.add(rel)
-            elif stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-                self._copy_if_changed(rel, st, stats)  # link groups share state: in order
-            else:
-                files.append((rel, st))
+            try:
+                pair = p.parents(parts)
+                if pair is None:
+                    continue  # handled as a change of an ancestor
+                u, m = pair
+                try:
+                    parent = self.index.dir(parts[:-1])
+                    st = safepath.lstat_or_none(u, parts[-1])
+                    if st is not None and stat.S_ISDIR(st.st_mode):
+                        mst = safepath.lstat_or_none(m, parts[-1])
+                        created = p.make_dir(m, parts[-1], mst, parent)
+                        if created or parts in trees:
+                            p.subtree(parts, parent)
+                        else:
+                            metas.add(parts)
+                    elif st is None or (stat.S_ISREG(st.st_mode) and st.st_nlink > 1):
+                        p.entry(u, m, parts[-1], parts, parent)  # link groups: in order
+                    else:
+                        files.append(parts)
+                finally:
+                    os.close(u)
+                    os.close(m)
+            except OSError as e:
+                p.failed(parts, e)
         # Plain entries are independent: copy them in parallel (syscall-bound).
         if len(files) > 4:
             with ThreadPoolExecutor(max_workers=8) as pool:
-                for _ in pool.map(lambda a: self._copy_if_changed(a[0], a[1], stats), files):
+                for _ in pool.map(lambda parts: self._one_file(p, parts), files):
                     pass
         else:
-            for rel, st in files:
-                self._copy_if_changed(rel, st, stats)
-        for rel in sorted(metas, key=lambda p: -p.count("/")):
-            self._dir_meta(rel, stats)
-        crashpoint("sync.done")
-        return stats
+            for parts in files:
+                self._one_file(p, parts)
+        for parts in sorted(metas, key=lambda x: -len(x)):
+            try:
+                u = safepath.open_dir(p.upper, parts)
+            except OSError as e:
+                p.failed(parts, e)
+                continue
+            try:
+                m = safepath.open_dir(p.mirror, parts)
+                try:
+                    if stat.S_ISDIR(os.fstat(u).st_mode):
+                        p.dir_meta(u, m, self.index.dir(parts))
+                finally:
+                    os.close(m)
+            except OSError as e:
+                p.failed(parts, e)
+            finally:
+                os.close(u)
+
+    def _one_file(self, p: _Pass, parts: Parts) -> None:
+        try:
+            pair = p.parents(parts)
+            if pair is None:
+                return
+            u, m = pair
+            try:
+                with p.lock:
+                    parent = self.index.dir(parts[:-1])
+                p.entry(u, m, parts[-1], parts, parent)
+            finally:
+                os.close(u)
+                os.close(m)
+        except OSError as e:
+            p.failed(parts, e)
