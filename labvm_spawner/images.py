@@ -12,13 +12,15 @@ import logging
 import os
 import shutil
 import subprocess
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import docker
 import docker.errors
+
+from .rootfs import unpack_shifted
+from .storage.safepath import remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -159,28 +161,16 @@ def prepare_rootfs(client: docker.DockerClient, image: str, cache_dir: Path,
     partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=cache_dir))
     container = client.containers.create(image, command=["/bin/true"])
     try:
-        tar = subprocess.Popen(
-            ["tar", "-x", "-p", "--numeric-owner", "--xattrs", "--xattrs-include=*",
-             "-C", str(partial), "-f", "-"],
-            stdin=subprocess.PIPE,
-        )
-        try:
-            _copy_shifted(_ChunkReader(container.export()), tar.stdin, shift)
-        finally:
-            tar.stdin.close()
-        if tar.wait() != 0:
-            raise RuntimeError(f"unpacking {image} failed")
-        os.chown(partial, shift, shift)
-        partial.chmod(0o755)
+        unpack_shifted(container.export(), partial, shift)
         try:
             os.rename(partial, final)
         except OSError:
             if not final.is_dir():
                 raise
             # Another process unpacked the same image meanwhile: use its copy.
-            shutil.rmtree(partial, ignore_errors=True)
+            remove_tree(partial)
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        remove_tree(partial)
         raise
     finally:
         container.remove(force=True)
@@ -220,37 +210,6 @@ def prune_rootfs(cache_dir: Path, keep_ids: set[str], partial_age_s: float = 360
                 continue
         elif str(tree) in in_use or any(i.startswith(tree.name.split("-")[0]) for i in keep_ids):
             continue
-        shutil.rmtree(tree)
+        remove_tree(tree)
         removed.append(tree)
     return removed
-
-
-class _ChunkReader:
-    """A file-like reader over the byte chunks docker's export yields."""
-
-    def __init__(self, chunks):
-        self._it = iter(chunks)
-        self._buf = b""
-
-    def read(self, n: int = -1) -> bytes:
-        while n < 0 or len(self._buf) < n:
-            try:
-                self._buf += next(self._it)
-            except StopIteration:
-                break
-        if n < 0:
-            out, self._buf = self._buf, b""
-        else:
-            out, self._buf = self._buf[:n], self._buf[n:]
-        return out
-
-
-def _copy_shifted(src, dst, shift: int) -> None:
-    with tarfile.open(fileobj=src, mode="r|") as tin, \
-            tarfile.open(fileobj=dst, mode="w|", format=tarfile.PAX_FORMAT) as tout:
-        for member in tin:
-            member.uid += shift
-            member.gid += shift
-            member.uname = member.gname = ""
-            fobj = tin.extractfile(member) if member.isreg() else None
-            tout.addfile(member, fobj)

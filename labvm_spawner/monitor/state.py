@@ -23,21 +23,26 @@ def _keys_of(user: dict[str, Any], known_keys: list[str]) -> list[str]:
 
 
 def last_synced(store_root: str, key: str) -> dict[str, Any] | None:
-    """The node's last sync of ``key`` to the store ({"t", "node"}), None if it never ran."""
+    """The node's last sync of ``key`` to the store ({"t", "node", "errors"}), None if it
+    never ran. ``errors``: entries that sync could not copy (retried at the next one)."""
     try:
         with open(Path(store_root) / key / "synced.json", encoding="utf-8") as f:
             record = json.load(f)
-        return {"t": float(record["t"]), "node": str(record.get("node") or "")}
-    except (OSError, ValueError, KeyError, TypeError):
+        errors = record.get("errors", 0)
+        return {"t": float(record["t"]), "node": str(record.get("node") or ""),
+                "errors": errors if type(errors) is int and errors >= 0 else 0}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
 def _sync_fields(store_root: str, key: str) -> dict[str, Any]:
     synced = last_synced(store_root, key)
     if synced is None:
-        return {"last_sync": "never", "last_synced": None, "last_synced_node": ""}
+        return {"last_sync": "never", "last_synced": None, "last_synced_node": "",
+                "last_sync_errors": 0}
     iso = datetime.fromtimestamp(synced["t"], UTC).isoformat(timespec="seconds")
-    return {"last_sync": iso, "last_synced": synced["t"], "last_synced_node": synced["node"]}
+    return {"last_sync": iso, "last_synced": synced["t"], "last_synced_node": synced["node"],
+            "last_sync_errors": synced["errors"]}
 
 
 def user_view(user: dict[str, Any], sample: Sample | None, store_root: str,

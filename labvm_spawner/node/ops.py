@@ -32,6 +32,7 @@ from ..network import ensure_network
 from ..policy import Limits
 from ..storage import open_store
 from ..storage.crash import crashpoint
+from ..storage.safepath import remove_tree
 from ..storage.sync import UpperSync
 from ..userns import remap_base, require_userns
 
@@ -285,7 +286,7 @@ class NodeOps:
         if not base.exists():
             return
         if (base / "synced-clean").exists() or not _has_entries(paths.upper):
-            shutil.rmtree(base)
+            remove_tree(base)  # the upper is the user's tree: never follow its symlinks
             return
         aside = self.state / "uppers-aside" / f"{key}-{int(time.time())}"
         aside.parent.mkdir(parents=True, exist_ok=True)
@@ -488,7 +489,8 @@ class NodeOps:
         stats = syncer.sync()
         syncer.save_index()
         _write_json(self.store.key_dir(key) / "synced.json",
-                    {"t": t, "node": self.config.name, "gen": mine, "changed": stats.changed})
+                    {"t": t, "node": self.config.name, "gen": mine, "changed": stats.changed,
+                     "errors": stats.errors})
         if final:
             if registered:
                 self._drop_syncer(key)

@@ -149,10 +149,19 @@ def _sync(args: argparse.Namespace) -> int:
     try:
         stats = syncer.sync()
         print(f"synced {stats}", flush=True)
+        failures = 0
         while args.watch:
-            time.sleep(args.interval)
-            stats = syncer.sync()
-            if stats.changed:
+            # Back off while a pass keeps failing as a whole (store unreachable, say); a
+            # user's hostile entry never gets here: it is counted in the stats instead.
+            time.sleep(min(args.interval * 2 ** failures, 60.0))
+            try:
+                stats = syncer.sync()
+                failures = 0
+            except OSError as e:
+                failures += 1
+                print(f"labvm storage: sync failed, retrying: {e}", file=sys.stderr, flush=True)
+                continue
+            if stats.changed or stats.errors:
                 print(f"synced {stats}", flush=True)
     except KeyboardInterrupt:
         pass

@@ -16,8 +16,9 @@ from . import safepath
 from .safepath import read_xattrs, set_xattrs
 
 __all__ = ["OVL_PREFIX", "OVL_OPAQUE", "OVL_WHITEOUT", "OVL_REDIRECT", "OVL_METACOPY",
-           "read_xattrs", "set_xattrs", "visible_xattrs", "is_char_whiteout", "apply_meta",
-           "apply_meta_fd", "open_regular", "copy_entry", "overwrite_file", "copy_file_data"]
+           "read_xattrs", "set_xattrs", "visible_xattrs", "is_char_whiteout", "set_meta",
+           "apply_meta", "apply_meta_fd", "open_regular", "copy_entry", "overwrite_file",
+           "copy_file_data"]
 
 OVL_PREFIX = "trusted.overlay."
 # Overlayfs escapes a user's own trusted.overlay.* xattr by doubling the prefix.
@@ -49,26 +50,42 @@ def is_char_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
+def set_meta(dirfd: int, name: str | None, kind: int, uid: int, gid: int, mode: int,
+             times_ns: tuple[int, int], xattrs: dict[str, bytes] | None,
+             replace_xattrs: bool = False) -> None:
+    """Owner, mode, xattrs then times (in that order: chown clears set-id bits and
+    capabilities, and every change but utime touches ctime).
+
+    Of ``name`` in the directory ``dirfd``, never following it, or (``name`` None) of
+    the open file or directory ``dirfd`` itself. ``kind`` is the S_IFMT type.
+    """
+    if name is None:
+        os.fchown(dirfd, uid, gid)
+        os.fchmod(dirfd, stat.S_IMODE(mode))
+    else:
+        os.chown(name, uid, gid, dir_fd=dirfd, follow_symlinks=False)
+        if kind != stat.S_IFLNK:  # symlinks have no mode of their own
+            safepath.chmod_entry(dirfd, name, stat.S_IMODE(mode))
+    if xattrs is not None and (xattrs or replace_xattrs):
+        set_xattrs(dirfd, name, xattrs, replace=replace_xattrs)
+    if name is None:
+        os.utime(dirfd, ns=times_ns)
+    else:
+        os.utime(name, ns=times_ns, dir_fd=dirfd, follow_symlinks=False)
+
+
 def apply_meta_fd(fd: int, st: os.stat_result, xattrs: dict[str, bytes] | None,
                   replace_xattrs: bool = False) -> None:
-    """Owner, mode, xattrs then times of an open file or directory (in that order: chown
-    clears set-id bits and capabilities, and every change but utime touches ctime)."""
-    os.fchown(fd, st.st_uid, st.st_gid)
-    os.fchmod(fd, stat.S_IMODE(st.st_mode))
-    if xattrs is not None and (xattrs or replace_xattrs):
-        set_xattrs(fd, None, xattrs, replace=replace_xattrs)
-    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+    """``st``'s owner, mode and times, and ``xattrs``, onto an open file or directory."""
+    set_meta(fd, None, stat.S_IFMT(st.st_mode), st.st_uid, st.st_gid, st.st_mode,
+             (st.st_atime_ns, st.st_mtime_ns), xattrs, replace_xattrs)
 
 
 def apply_meta(dirfd: int, name: str, st: os.stat_result, xattrs: dict[str, bytes] | None,
                replace_xattrs: bool = False) -> None:
     """``apply_meta_fd`` for an entry we do not hold open (symlink, fifo, device, socket)."""
-    os.chown(name, st.st_uid, st.st_gid, dir_fd=dirfd, follow_symlinks=False)
-    if not stat.S_ISLNK(st.st_mode):
-        safepath.chmod_entry(dirfd, name, stat.S_IMODE(st.st_mode))
-    if xattrs is not None and (xattrs or replace_xattrs):
-        set_xattrs(dirfd, name, xattrs, replace=replace_xattrs)
-    os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dirfd, follow_symlinks=False)
+    set_meta(dirfd, name, stat.S_IFMT(st.st_mode), st.st_uid, st.st_gid, st.st_mode,
+             (st.st_atime_ns, st.st_mtime_ns), xattrs, replace_xattrs)
 
 
 def open_regular(dirfd: int, name: str, st: os.stat_result | None = None) -> int:

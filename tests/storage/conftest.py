@@ -28,3 +28,24 @@ def mfs_dir(moosefs: Path) -> Path:
     d.mkdir()
     yield d
     subprocess.run(["rm", "-rf", str(d)], capture_output=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def canary() -> Path:
+    """The directory random trees' absolute symlinks point at (treeops.CANARY).
+
+    Nothing may ever be written through those symlinks: by the code under test or by
+    the tests' own writers. The session fails if the canary changed.
+    """
+    from . import treeops
+
+    root = Path(treeops.CANARY)
+    if not root.is_dir() or root.is_symlink():
+        subprocess.run(["rm", "-rf", str(root)], check=True)
+        (root / "sub").mkdir(parents=True)
+        for rel in ("a", "b", "c", "sub/a", "passwd"):
+            (root / rel).write_text(f"canary {rel}\n")
+    before = treeops.snapshot(root)
+    yield root
+    after = treeops.snapshot(root)
+    assert after == before, "written through a symlink: " + treeops.diff(before, after)

@@ -134,7 +134,8 @@
     const c = r.container;
     const pin = (state.pins || {})[u.name];
     const targets = migrateTargets(state, r).map((n) => `<option value="${esc(n.name)}">${esc(n.name)}</option>`).join("");
-    const synced = r.last_synced ? when(r.last_synced * 1000) + (r.last_synced_node ? " on " + r.last_synced_node : "") : "never";
+    const synced = (r.last_synced ? when(r.last_synced * 1000) + (r.last_synced_node ? " on " + r.last_synced_node : "") : "never")
+      + (r.last_sync_errors ? ` (last sync had ${Number(r.last_sync_errors)} error${r.last_sync_errors === 1 ? "" : "s"})` : "");
     const versions = r.versions.map((v) => (v === r.current_version ? `<b>${v}</b>` : v)).join(", ") || "none";
     const options = r.versions.filter((v) => v !== r.current_version).map((v) => `<option>${v}</option>`).join("");
     const canRestore = restoreOk && !r.running && options;
