@@ -295,24 +295,29 @@ class _Pass:
                 continue
             try:
                 ost = safepath.lstat_or_none(uo, other[-1])
+                if ost is None or ost.st_ino != copied.st_ino:
+                    group.discard(other)
+                    continue
+                try:
+                    mo = safepath.open_dir(self.mirror, other[:-1])
+                except OSError:
+                    continue  # its directory is new: synced with it
+                try:
+                    t2 = f"{TMP_PREFIX}{secrets.token_hex(6)}"
+                    os.link(name, t2, src_dir_fd=m, dst_dir_fd=mo, follow_symlinks=False)
+                    _replace(mo, t2, other[-1])
+                    node = self.s.index.dir(other[:-1])
+                    assert node.kids is not None
+                    node.kids[other[-1]] = Node(ost.st_ino, ost.st_ctime_ns)
+                    if other[:-1] != parts[:-1]:
+                        # That directory may be done already: its times are the upper's again.
+                        self.dir_meta(uo, mo, node)
+                except OSError as e:
+                    self.failed(other, e)
+                finally:
+                    os.close(mo)
             finally:
                 os.close(uo)
-            if ost is None or ost.st_ino != copied.st_ino:
-                group.discard(other)
-                continue
-            try:
-                mo = safepath.open_dir(self.mirror, other[:-1])
-            except OSError:
-                continue  # its directory is new: synced with it
-            try:
-                t2 = f"{TMP_PREFIX}{secrets.token_hex(6)}"
-                os.link(name, t2, src_dir_fd=m, dst_dir_fd=mo, follow_symlinks=False)
-                _replace(mo, t2, other[-1])
-                self.s.index.dir(other[:-1]).kids[other[-1]] = Node(ost.st_ino, ost.st_ctime_ns)
-            except OSError as e:
-                self.failed(other, e)
-            finally:
-                os.close(mo)
 
     def entry(self, u: int, m: int, name: str, parts: Parts, parent: Node) -> None:
         """Bring the mirror's ``name`` in line with the upper's, not descending."""

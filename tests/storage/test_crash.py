@@ -241,3 +241,68 @@ def test_take_over_and_merge_pending_crash(world: dict, point: str) -> None:
     assert store.pending(KEY) == [] and store.layers(KEY) == [store.current_path(KEY)]
     store.empty_trash(KEY)  # what the node does after the start that called layers()
     assert_clean(root)
+
+
+def _writers_under(root: Path) -> list[str]:
+    """Processes (other than us) holding anything under ``root`` open, or living there."""
+    found = []
+    me = os.getpid()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == me:
+            continue
+        try:
+            links = [os.readlink(f"/proc/{pid}/cwd")]
+            links += [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue  # gone, or not ours to look at
+        if any(link == str(root) or link.startswith(f"{root}/") for link in links):
+            found.append(pid)
+    return found
+
+
+def test_commit_killed_at_random_moments(tmp_path: Path, overlay_ok: None) -> None:
+    """20 kill -9 of a commit at random moments: each time the old or the new version is
+    current, no process goes on writing, and the first fsck --repair succeeds."""
+    import random
+    import time
+
+    root = tmp_path / "store"
+    store = open_store(root)
+    v1 = store.current_path(KEY)
+    many = [("mkdir", "d", 0o755)] + [("write", f"d/f{i}", b"x" * 2000) for i in range(1500)]
+    make_upper(v1, tmp_path / "upperA", tmp_path / "wa", many + OPS_A)
+    store.commit(KEY, tmp_path / "upperA")
+    v2 = store.version_path(KEY, 2)
+    more = [("write", f"d/g{i}", b"y" * 2000) for i in range(800)] + OPS_B
+    make_upper(v2, tmp_path / "upperB", tmp_path / "wb", more)
+    merge_into_new(v2, tmp_path / "upperB", tmp_path / "refB")
+    old, new = flat_view(v2), view(tmp_path / "refB")
+    cmd = [sys.executable, "-m", "labvm_spawner.cli", "storage", "commit", KEY, "--store",
+           str(root), "--upper", str(tmp_path / "upperB"), "--keep", "100"]
+    t0 = time.monotonic()
+    assert subprocess.run(cmd, capture_output=True).returncode == 0  # how long one takes
+    took = time.monotonic() - t0
+    assert current_view(root) == new
+    rnd = random.Random(7)
+    outcomes = {"old": 0, "new": 0}
+    for _ in range(20):
+        # Start from the old content again, then kill a commit somewhere in its run.
+        open_store(root, keep=100).restore(KEY, 2)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rnd.uniform(0.05, took))
+        proc.kill()
+        proc.wait()
+        time.sleep(0.2)
+        assert _writers_under(root) == [], "a process still works in the store"
+        staging = root / KEY / ".staging"
+        before = treeops.snapshot(staging) if staging.exists() else {}
+        time.sleep(0.3)
+        assert (treeops.snapshot(staging) if staging.exists() else {}) == before
+        fix = labvm("fsck", "--store", root, "--repair")
+        assert fix.returncode == 0, fix.stdout + fix.stderr
+        assert open_store(root).fsck().clean
+        assert not any((root / KEY / ".staging").iterdir())
+        got = current_view(root)
+        assert got in (old, new)
+        outcomes["old" if got == old else "new"] += 1
+    assert outcomes["old"] >= 1, outcomes  # the kills did land inside commits
