@@ -265,36 +265,47 @@ def _run(cmd: list[str]) -> None:
         raise StoreError(f"{' '.join(cmd)} failed: {res.stderr.strip() or res.returncode}")
 
 
-def hardlink_groups(tree: DirNode) -> list[list[tuple[Parts, str]]]:
+def hardlink_groups(tree: DirNode) -> list[list[tuple[DirNode, str]]]:
     """(directory, name) of each group of hard-linked non-directories in a scanned tree."""
-    groups: dict[tuple[int, int], list[tuple[Parts, str]]] = {}
+    groups: dict[tuple[int, int], list[tuple[DirNode, str]]] = {}
     stack = [tree]
     while stack:
         node = stack.pop()
         stack.extend(node.subdirs)
         for name, st, _xa in node.entries:
             if st.st_nlink > 1:
-                groups.setdefault((st.st_dev, st.st_ino), []).append((node.parts(), name))
+                groups.setdefault((st.st_dev, st.st_ino), []).append((node, name))
     return [g for g in groups.values() if len(g) > 1]
 
 
-def _relink(dst: str | Path, groups: list[list[tuple[Parts, str]]]) -> None:
+def _relink(dst: str | Path, groups: list[list[tuple[DirNode, str]]]) -> None:
+    """Make each group one inode again in the copy ``dst`` (a snapshot splits them); the
+    directories touched get their times back."""
     dfd = safepath.open_root(dst)
+    touched: dict[int, DirNode] = {}
     try:
-        for (fdir, fname), *others in groups:
-            first = safepath.open_dir(dfd, fdir)
+        for (fnode, fname), *others in groups:
+            first = safepath.open_dir(dfd, fnode.parts())
             try:
-                for odir, oname in others:
-                    ofd = safepath.open_dir(dfd, odir)
+                for onode, oname in others:
+                    ofd = safepath.open_dir(dfd, onode.parts())
                     try:
                         tmp = f"{oname[:200]}.labvm-relink"
                         os.link(fname, tmp, src_dir_fd=first, dst_dir_fd=ofd,
                                 follow_symlinks=False)
                         os.rename(tmp, oname, src_dir_fd=ofd, dst_dir_fd=ofd)
+                        touched[id(onode)] = onode
                     finally:
                         os.close(ofd)
             finally:
                 os.close(first)
+        for node in touched.values():
+            assert node.st is not None
+            fd = safepath.open_dir(dfd, node.parts())
+            try:
+                os.utime(fd, ns=(node.st.st_atime_ns, node.st.st_mtime_ns))
+            finally:
+                os.close(fd)
     finally:
         os.close(dfd)
 
