@@ -208,6 +208,21 @@ def test_user_view_shows_node_and_last_sync(tmp_path):
         ("alice.work", "n1", "never", None)
     # Without placements (the old one-node view) the node comes from the sample only.
     assert user_view(user, None, str(store), {})["roots"][0]["node"] == ""
+    assert main["last_sync_errors"] == 0
+
+
+def test_user_view_shows_sync_errors(tmp_path):
+    import json
+
+    from labvm_spawner.monitor.state import user_view
+
+    store = tmp_path / "store"
+    (store / "bob").mkdir(parents=True)
+    user = {"name": "bob", "servers": {"": {"ready": True}}}
+    for errors, shown in ((3, 3), (-1, 0), ("many", 0)):
+        (store / "bob" / "synced.json").write_text(
+            json.dumps({"t": 1700000000, "node": "n1", "errors": errors}))
+        assert user_view(user, None, str(store), {})["roots"][0]["last_sync_errors"] == shown
 
 
 def test_cluster_node_view_counts_gpus_by_model():

@@ -566,6 +566,7 @@ class UpperSync:
         metas: set[Parts] = set()
         files: list[Parts] = []
         for parts in sorted(paths, key=_depth_first):
+            metas.add(parts[:-1])  # writing in a directory changes its times: reset them
             if not parts:
                 metas.add(parts)
                 continue

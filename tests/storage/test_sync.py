@@ -176,3 +176,36 @@ def test_cli_watch_mode_follows_changes(tmp_path: Path, overlay_ok: None) -> Non
     assert proc.returncode == 0, err
     assert "journal" in out
     assert (root / "carol" / "upper-sync.index").is_file()
+
+
+def test_an_entry_that_cannot_be_copied_is_counted_and_retried(tmp_path: Path, overlay_ok: None,
+                                                               caplog) -> None:
+    import subprocess
+
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    lower.mkdir()
+    store = tmp_path / "store"
+    store.mkdir()
+    # The store's disk is too small for one file: that one fails, the rest syncs.
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "labvm-test", str(store)],
+                   check=True)
+    try:
+        with treeops.overlay(lower, upper, tmp_path / "work", tmp_path / "m") as mnt:
+            (mnt / "small").write_text("s")
+            (mnt / "d").mkdir()
+            (mnt / "d" / "big").write_bytes(os.urandom(3 << 20))
+            (mnt / "d" / "also").write_text("a")
+            syncer = UpperSync(upper, store / "upper-sync")
+            first = syncer.sync()
+            assert first.errors == 1 and first.failed == ["d/big"]
+            assert "d/big" in caplog.text and "No space left" in caplog.text
+            assert (store / "upper-sync" / "small").read_text() == "s"
+            assert (store / "upper-sync" / "d" / "also").read_text() == "a"
+            # Nothing changed in the upper, yet the next (journaled) pass tries it again.
+            subprocess.run(["mount", "-o", "remount,size=16m", str(store)], check=True)
+            second = syncer.sync()
+            assert not second.rescan and second.errors == 0 and second.copied == 1
+            syncer.close()
+            _check(upper, store / "upper-sync")
+    finally:
+        subprocess.run(["umount", str(store)], check=True)
