@@ -122,3 +122,6 @@ main(sys.argv[1:])
     c.JupyterHub.services = c.JupyterHub.services + [_service]
     c.JupyterHub.load_roles = c.JupyterHub.load_roles + _roles
 # ---- END labvm monitor ----
+
+if os.environ.get("LABVM_TEST_SYNC_INTERVAL"):
+    c.LabVMSpawner.sync_interval = float(os.environ["LABVM_TEST_SYNC_INTERVAL"])

@@ -1,9 +1,14 @@
 """Container root is not host root, and the container holds no way out."""
 
+import json
 import os
+import time
+from pathlib import Path
 
+import jupyter_exec
 import pytest
 from helpers import container_of, sh, state_dir
+from storage import treeops  # snapshots that never follow a symlink
 
 from labvm_spawner.userns import remap_base
 
@@ -63,3 +68,56 @@ def test_containers_cannot_reach_each_other(hub, docker_client):
     # Bob's server answers the hub (it is ready), but not a neighbour's container.
     rc, out = sh(alice, f"curl -sS -m 3 -o /dev/null http://{bob_ip}:8888/")
     assert rc != 0, out
+
+
+def _synced_at(store: Path, key: str) -> float:
+    try:
+        return json.loads((store / key / "synced.json").read_text())["t"]
+    except (OSError, ValueError, KeyError):
+        return 0.0
+
+
+def _wait_syncs(store: Path, key: str, n: int = 2, timeout: float = 60) -> None:
+    """Wait until the background sync has run ``n`` more times."""
+    last = _synced_at(store, key)
+    deadline = time.monotonic() + timeout
+    while n and time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = _synced_at(store, key)
+        if now != last:
+            last, n = now, n - 1
+    assert n == 0, "the background sync stopped running"
+
+
+def test_symlink_races_through_the_sync_touch_nothing_on_the_host(hub_factory, docker_client):
+    """The security review's exploit, by a real user with sudo, from a Jupyter kernel,
+    against the hub's real background sync. Its symlinks point at a canary directory
+    this test made on the host (never a real system path)."""
+    hub = hub_factory(env={"LABVM_TEST_SYNC_INTERVAL": "1"})
+    canary = Path(hub.env["LABVM_TEST_STATE"]).parent / "canary"
+    (canary / "sub").mkdir(parents=True)
+    for name in ("ld.so.preload", "passwd", "sub/authorized_keys"):
+        (canary / name).write_text(f"canary {name}\n")
+    before = treeops.snapshot(canary)
+    hub.create_user("mallory")
+    hub.spawn("mallory")
+    store = state_dir(hub) / "store"
+    home = "/home/mallory"
+    rc, out = jupyter_exec.run(hub, "mallory", f"cd {home} && sudo -n bash -c '"
+                               f"mkdir -p z/z/z L P && ln -s {canary} z/z/z/M' && sudo -n id -u")
+    assert (rc, out.strip()) == (0, "0"), out
+    _wait_syncs(store, "mallory")
+    rc, out = jupyter_exec.run(hub, "mallory", f"cd {home} && sudo -n bash -c '"
+                               "touch L/ld.so.preload; rm -rf L; ln -s z/z/z/M L; "
+                               "echo /path/to/evil.so > P/ld.so.preload; "
+                               "ln -sfn ../../../P z/z/z/M'")
+    assert rc == 0, out
+    _wait_syncs(store, "mallory", n=3)
+    assert treeops.snapshot(canary) == before, "the sync wrote through the user's symlinks"
+    # The sync still did its job: the user's own files and links are in the store.
+    mirror = store / "mallory" / "upper-sync" / "home" / "mallory"
+    assert (mirror / "P" / "ld.so.preload").read_text() == "/path/to/evil.so\n"
+    assert os.readlink(mirror / "L") == "z/z/z/M"
+    assert os.readlink(mirror / "z" / "z" / "z" / "M") == "../../../P"
+    synced = json.loads((store / "mallory" / "synced.json").read_text())
+    assert synced["errors"] == 0
