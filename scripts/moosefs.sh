@@ -10,7 +10,9 @@
 #   master   10.77.0.1    (netns labvm-mfsm)
 #   chunk    10.77.0.2    (netns labvm-mfsc)
 # Data lives under STATE_DIR (default /var/lib/labvm/mfs-test); the file
-# system is mounted at STATE_DIR/mnt with suid,dev, goal 1 and trash time 0.
+# system is mounted at STATE_DIR/mnt with nosuid,nodev, goal 1 and trash time 0 (setuid
+# files and devices in layers still work through the overlay: see README, "What a user
+# can reach").
 # "up" is idempotent; "down" removes mounts, processes, namespaces and data.
 set -euo pipefail
 
@@ -129,7 +131,7 @@ up() {
     if ! is_mounted; then
         local i
         for i in $(seq 1 30); do
-            mfsmount "$MNT" -H "$MASTER_IP" -o suid,dev,mfsattrcacheto=0,mfsentrycacheto=0,mfsdirentrycacheto=0 \
+            mfsmount "$MNT" -H "$MASTER_IP" -o nosuid,nodev,mfsattrcacheto=0,mfsentrycacheto=0,mfsdirentrycacheto=0 \
                 >"$STATE/mount.log" 2>&1 && break
             sleep 1
         done

@@ -113,7 +113,7 @@ class Testbed:
             return
         r = _run("nsenter", f"--net=/var/run/netns/labvm-{n}", "mfsmount", str(mnt),
                  "-H", MFS_MASTER, "-o",
-                 "suid,dev,mfsattrcacheto=0,mfsentrycacheto=0,mfsdirentrycacheto=0",
+                 "nosuid,nodev,mfsattrcacheto=0,mfsentrycacheto=0,mfsdirentrycacheto=0",
                  timeout=60)
         if r.returncode != 0 or not os.path.ismount(mnt):
             raise RuntimeError(f"node {n} could not mount MooseFS: {r.stderr}")

@@ -102,10 +102,16 @@ class NodeOps:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.state = Path(config.state_dir)
-        self.state.mkdir(parents=True, exist_ok=True)
         self.client = (docker.DockerClient(base_url=config.docker_url) if config.docker_url
                        else docker.from_env())
         self.store = open_store(config.store_root or self.state / "store")
+        # Users' trees hold setuid files and whatever else they made, owned by the userns
+        # range: no host account but root may enter them. Overlay reads its layers and
+        # dockerd binds the root's directories as root, so nothing needs more.
+        for d in (self.state, self.store.root,
+                  Path(config.image_layer_dir or self.state / "rootfs")):
+            d.mkdir(parents=True, exist_ok=True)
+            d.chmod(0o700)
         url = config.db_url or f"sqlite:///{self.state / 'labvm.sqlite'}"
         self.allocator = GpuAllocator(url, node=config.name, sharing=config.gpu_sharing)
         self._lock = threading.Lock()
