@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import stat
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -170,7 +171,7 @@ class ChangeJournal:
             if here is None:
                 return [], None
             subdirs = [n for n, st in safepath.scandir(fds[0]).items()
-                       if _is_dir(st)]
+                       if stat.S_ISDIR(st.st_mode)]
             return subdirs, here
 
         # A directory that vanished or became a symlink meanwhile: its change is journaled.
@@ -241,7 +242,3 @@ class ChangeJournal:
             self._pending = Changes()
             self._watch_root()
         return out
-
-
-def _is_dir(st: os.stat_result) -> bool:
-    return (st.st_mode & 0o170000) == 0o040000

@@ -166,33 +166,23 @@ def apply_upper(tree: DirNode, upper: str | Path, dest: str | Path,
                 stats.dirs += len(node.subdirs)
                 dir_meta.append((node, xattrs))
         except BaseException:
-            for _sub, cfds, _l, _o in children:  # type: ignore[misc]
-                _drop_fds(budget, cfds)
+            for child in children:
+                budget.release(child[1])  # type: ignore[index]
             raise
         finally:
             os.close(u)
             os.close(d)
         return children
 
-    def drop(task: object) -> None:
-        _drop_fds(budget, task[1])  # type: ignore[index]
-
     try:
         n = workers or default_workers(dest)
-        run_parallel([(tree, None, True, False)], apply, n, drop)
+        run_parallel([(tree, None, True, False)], apply, n, budget.drop)
         link_groups(ufd, dfd, links.values())
         set_dir_meta(dfd, dir_meta, n)
     finally:
         os.close(ufd)
         os.close(dfd)
     return stats
-
-
-def _drop_fds(budget: FdBudget, fds: list[int] | None) -> None:
-    if fds is not None:
-        budget.give(len(fds))
-        for fd in fds:
-            os.close(fd)
 
 
 def merge_upper(upper: str | Path, dest: str | Path, workers: int | None = None) -> MergeStats:

@@ -393,19 +393,27 @@ class _Pass:
 
         safepath.walk([u, m], enter, leave, lost)
 
-    def subtree(self, parts: Parts, parent: Node) -> None:
-        """Full comparison of the directory ``parts`` (both parents resolve), with its meta."""
+    def pair(self, parts: Parts) -> tuple[int, int] | None:
+        """The directory ``parts`` in the upper and in the mirror; None (counted, retried)
+        when either is not one."""
         try:
             u = safepath.open_dir(self.upper, parts)
         except OSError as e:
             self.failed(parts, e)
-            return
+            return None
         try:
-            m = safepath.open_dir(self.mirror, parts)
+            return u, safepath.open_dir(self.mirror, parts)
         except OSError as e:
             os.close(u)
             self.failed(parts, e)
+            return None
+
+    def subtree(self, parts: Parts, parent: Node) -> None:
+        """Full comparison of the directory ``parts`` (both parents resolve), with its meta."""
+        pair = self.pair(parts)
+        if pair is None:
             return
+        u, m = pair
         try:
             node = parent.dir(parts[-1]) if parts else self.s.index.root
             self.tree(u, m, node, parts)
@@ -603,22 +611,17 @@ class UpperSync:
             for parts in files:
                 self._one_file(p, parts)
         for parts in sorted(metas, key=lambda x: -len(x)):
-            try:
-                u = safepath.open_dir(p.upper, parts)
-            except OSError as e:
-                p.failed(parts, e)
+            pair = p.pair(parts)
+            if pair is None:
                 continue
+            u, m = pair
             try:
-                m = safepath.open_dir(p.mirror, parts)
-                try:
-                    if stat.S_ISDIR(os.fstat(u).st_mode):
-                        p.dir_meta(u, m, self.index.dir(parts))
-                finally:
-                    os.close(m)
+                p.dir_meta(u, m, self.index.dir(parts))
             except OSError as e:
                 p.failed(parts, e)
             finally:
                 os.close(u)
+                os.close(m)
 
     def _one_file(self, p: _Pass, parts: Parts) -> None:
         try:

@@ -94,6 +94,16 @@ class FdBudget:
         with self._lock:
             self._left += n
 
+    def release(self, fds: list[int] | None) -> None:
+        """Close descriptors a task was handed but will not use, and give them back."""
+        if fds is not None:
+            self.give(len(fds))
+            _close(fds)
+
+    def drop(self, task: object) -> None:
+        """``run_parallel``'s ``drop`` for tasks that carry their descriptors second."""
+        self.release(task[1])  # type: ignore[index]
+
 
 def run_parallel(first: Iterable[object], fn: Callable[[object], list[object]],
                  workers: int, drop: Callable[[object], None] | None = None) -> None:
@@ -231,10 +241,8 @@ def scan_tree(root: str | Path, workers: int | None = None,
                     check(node, entry)
                 node.entries.append(entry)
         except OSError as e:
-            for _child, cfds in children:  # type: ignore[misc]
-                if cfds is not None:
-                    budget.give(len(cfds))
-                    _close(cfds)
+            for child in children:
+                budget.release(child[1])  # type: ignore[index]
             if safepath.changed(e):
                 raise StoreError(f"{root}: {node.show()} changed while it was read") from e
             raise
@@ -242,14 +250,8 @@ def scan_tree(root: str | Path, workers: int | None = None,
             os.close(fd)
         return children
 
-    def drop(task: object) -> None:
-        _node, fds = task  # type: ignore[misc]
-        if fds is not None:
-            budget.give(len(fds))
-            _close(fds)
-
     try:
-        run_parallel([(top, None)], scan, workers or default_workers(root), drop)
+        run_parallel([(top, None)], scan, workers or default_workers(root), budget.drop)
     finally:
         os.close(rootfd)
     return top
@@ -352,25 +354,17 @@ def copy_scanned(tree: DirNode, src: str | Path, dst: str | Path,
             with lock:
                 dirs.extend(node.subdirs)
         except BaseException:
-            for _sub, cfds in children:  # type: ignore[misc]
-                if cfds is not None:
-                    budget.give(len(cfds))
-                    _close(cfds)
+            for child in children:
+                budget.release(child[1])  # type: ignore[index]
             raise
         finally:
             os.close(s)
             os.close(d)
         return children
 
-    def drop(task: object) -> None:
-        _node, fds = task  # type: ignore[misc]
-        if fds is not None:
-            budget.give(len(fds))
-            _close(fds)
-
     try:
         n = workers or default_workers(dst)
-        run_parallel([(tree, None)], copy, n, drop)
+        run_parallel([(tree, None)], copy, n, budget.drop)
         link_groups(sfd, dfd, links.values())
         set_dir_meta(dfd, [(node, node.xattrs) for node in dirs], n)
     finally:

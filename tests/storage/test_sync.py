@@ -209,3 +209,23 @@ def test_an_entry_that_cannot_be_copied_is_counted_and_retried(tmp_path: Path, o
             _check(upper, store / "upper-sync")
     finally:
         subprocess.run(["umount", str(store)], check=True)
+
+
+def test_a_journal_past_its_watch_limit_gives_up_and_syncs_rescan(tmp_path: Path,
+                                                                  overlay_ok: None) -> None:
+    from labvm_spawner.storage.journal import ChangeJournal
+
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    lower.mkdir()
+    with treeops.overlay(lower, upper, tmp_path / "work", tmp_path / "m") as mnt:
+        for i in range(6):
+            (mnt / f"d{i}").mkdir()
+        syncer = UpperSync(upper, tmp_path / "store" / "upper-sync")
+        syncer.journal.close()
+        syncer.journal = ChangeJournal(upper, max_watches=4)  # one user, many directories
+        assert syncer.journal.gave_up and syncer.journal._watches == {}
+        syncer.sync()
+        (mnt / "d3" / "f").write_text("f")
+        assert syncer.sync().rescan  # still synced, by rescans
+        syncer.close()
+    _check(upper, tmp_path / "store" / "upper-sync")
