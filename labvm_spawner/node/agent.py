@@ -182,6 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dev-root", default="/dev", help="where /dev/nvidiaN live")
     p.add_argument("--secrets-root", default="/run/labvm/secrets", help="tmpfs for tokens")
     p.add_argument("--network", default="labvm", help="Docker network for containers")
+    p.add_argument("--allow-image", action="append", default=[], metavar="IMAGE",
+                   help="an image this node may run besides those `labvm image build` made "
+                   "(labvm/user:*); repeat for more")
     p.add_argument("--sync-interval", type=float, default=10.0,
                    help="seconds between background syncs of running servers (<= 10 keeps "
                    "a node's loss to that window)")
@@ -197,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = NodeConfig(name=a.name, docker_url=a.docker_url, state_dir=a.state_dir,
                      store_root=a.store_root, image_layer_dir=a.image_layer_dir,
                      network_name=a.network, dev_root=a.dev_root, secrets_root=a.secrets_root,
-                     publish_ip=a.publish_ip, sync_interval_s=a.sync_interval)
+                     publish_ip=a.publish_ip, sync_interval_s=a.sync_interval,
+                     allowed_images=a.allow_image)
     ops = NodeOps(cfg)
     asyncio.run(serve(ops, a.listen, a.url, token_hash, a.tls_dir or f"{a.state_dir}/tls",
                       a.registry_dir, a.heartbeat))

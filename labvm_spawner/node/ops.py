@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import docker
@@ -26,10 +27,10 @@ import docker.errors
 from .. import containerspec, nvml, overlay
 from ..allocations import GpuAllocator
 from ..errors import LabVMError
-from ..images import prepare_rootfs
+from ..images import USER_IMAGE, prepare_rootfs
 from ..names import root_key
 from ..network import ensure_network
-from ..policy import Limits
+from ..policy import MIN_MEM, Limits
 from ..storage import open_store
 from ..storage.crash import crashpoint
 from ..storage.safepath import remove_tree
@@ -62,6 +63,8 @@ class NodeConfig:
     secrets_root: str = "/run/labvm/secrets"
     publish_ip: str = ""  # empty: the hub reaches containers on the node's bridge
     sync_interval_s: float = 10.0
+    # Images this node runs besides those `labvm image build` made (labvm/user:*).
+    allowed_images: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -87,8 +90,69 @@ class StartRequest:
             req = cls(**data)
         except TypeError as e:
             raise LabVMError(f"bad start request: {e}") from e
-        root_key(*_split_key(req.key))  # refuses a malformed key
+        req.checked_limits()
         return req
+
+    def checked_limits(self) -> Limits:
+        """Check every field as the untrusted input it is on a node; the limits, parsed.
+
+        The key must be the root of exactly this user and server, and everything that
+        reaches Docker must have the type and shape the spawner sends.
+        """
+        try:
+            ok = isinstance(self.key, str) and root_key(*_split_key(self.key)) == self.key
+        except LabVMError:
+            ok = False
+        if not ok:
+            raise LabVMError(f"bad start request: malformed key {str(self.key)[:80]!r}")
+        if not isinstance(self.username, str) or not isinstance(self.server, str) or \
+                root_key(self.username, self.server) != self.key:
+            raise LabVMError(f"bad start request: key {self.key!r} is not the root of user "
+                             f"{str(self.username)[:40]!r}, server {str(self.server)[:70]!r}")
+        if not isinstance(self.image, str) or not _IMAGE.fullmatch(self.image):
+            raise LabVMError(f"bad start request: image {str(self.image)[:80]!r}")
+        if not (isinstance(self.cmd, list) and self.cmd and all(_plain(a) for a in self.cmd)):
+            raise LabVMError("bad start request: cmd must be a non-empty list of strings")
+        for what, env in (("env", self.env), ("secrets", self.secrets)):
+            if not isinstance(env, dict) or not all(
+                    isinstance(k, str) and _ENV_NAME.fullmatch(k) and _plain(v)
+                    for k, v in env.items()):
+                raise LabVMError(f"bad start request: {what} must map variable names to "
+                                 "strings")
+        if type(self.gpus) is not int or not 0 <= self.gpus <= 64:
+            raise LabVMError(f"bad start request: gpus {self.gpus!r}")
+        if self.model is not None and not _plain(self.model):
+            raise LabVMError("bad start request: model must be a string")
+        if type(self.sharing) is not bool:
+            raise LabVMError("bad start request: sharing must be true or false")
+        if not isinstance(self.timeout_s, int | float) or not 0 < self.timeout_s <= 3600:
+            raise LabVMError(f"bad start request: timeout_s {self.timeout_s!r}")
+        return _limits(self.limits)
+
+
+_IMAGE = re.compile(r"[a-z0-9][a-z0-9._/-]{0,200}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
+                    r"(@sha256:[0-9a-f]{64})?")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+def _plain(value: object) -> bool:
+    return isinstance(value, str) and "\0" not in value and len(value) <= 65536
+
+
+def _limits(data: object) -> Limits:
+    """Limits from a request, each field of the type and range Docker takes."""
+    if not isinstance(data, dict) or set(data) != {f.name for f in fields(Limits)}:
+        raise LabVMError("bad start request: limits must have exactly "
+                         + ", ".join(f.name for f in fields(Limits)))
+    lim = Limits(**data)
+    ok = (isinstance(lim.cpus, int | float) and 0 < lim.cpus <= 4096
+          and type(lim.mem_bytes) is int and lim.mem_bytes >= MIN_MEM
+          and type(lim.pids) is int and 0 < lim.pids <= 1 << 22
+          and all(v is None or (type(v) is int and v > 0)
+                  for v in (lim.blkio_weight, lim.io_read_bps, lim.io_write_bps)))
+    if not ok or (lim.blkio_weight is not None and not 10 <= lim.blkio_weight <= 1000):
+        raise LabVMError(f"bad start request: limits out of range: {data}")
+    return lim
 
 
 def _split_key(key: str) -> tuple[str, str]:
@@ -199,11 +263,40 @@ class NodeOps:
         with self.key_lock(req.key):
             return self._start(req, emit)
 
+    def check_start(self, req: StartRequest, inventory: list) -> Limits:
+        """Refuse, before anything is made, a request this node must not run: a bad field,
+        an image it neither built nor was told to allow, or more than it has."""
+        limits = req.checked_limits()
+        if not self.image_allowed(req.image):
+            raise LabVMError(f"the image {req.image!r} is not one node {self.config.name} built "
+                             "(labvm image build) or allows (--allow-image)")
+        cpus = os.cpu_count() or 1
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if limits.cpus > cpus:
+            raise LabVMError(f"{limits.cpus:g} CPUs asked; node {self.config.name} has {cpus}")
+        if limits.mem_bytes > mem:
+            raise LabVMError(f"{limits.mem_bytes >> 20} MiB of memory asked; node "
+                             f"{self.config.name} has {mem >> 20} MiB")
+        if req.gpus > len(inventory):
+            raise LabVMError(f"{req.gpus} GPU(s) asked; node {self.config.name} has "
+                             f"{len(inventory)}")
+        return limits
+
+    def image_allowed(self, image: str) -> bool:
+        if image in self.config.allowed_images:
+            return True
+        try:
+            tags = self.client.images.get(image).tags
+        except docker.errors.ImageNotFound:
+            return False
+        # The images `labvm image build` makes (or the test bed loads): labvm/user:<hash>.
+        return any(t.startswith(f"{USER_IMAGE.split(':')[0]}:") for t in tags)
+
     def _start(self, req: StartRequest, emit: Emit) -> dict:
         cfg = self.config
         key = req.key
-        limits = Limits(**req.limits)
         inventory = nvml.read_inventory()
+        limits = self.check_start(req, inventory)
         engine = require_userns(self.client)
         shift = remap_base(cfg.userns_remap_user)
         paths = self.paths(key)
