@@ -56,7 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     monitor_cli.register(monitor.add_subparsers(dest="monitor_command", required=True))
     monitor.set_defaults(func=monitor_cli.run)
 
-    from . import migrate_cli
+    from . import migrate_cli, nodes_cli
+
+    node = sub.add_parser("node", help="enroll (join tokens), list and revoke nodes",
+                          description=nodes_cli.__doc__)
+    nodes_cli.register(node)
+    node.set_defaults(func=nodes_cli.run)
 
     migrate = sub.add_parser(
         "migrate", help="move a user's server (and its root) to another node",

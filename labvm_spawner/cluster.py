@@ -1,18 +1,26 @@
 """The hub's view of its nodes, and the records placement and migration share.
 
-Nodes come from the agents' heartbeat records (``node.registry``) plus, in the
-one-node default, the node inside the hub process. Placements (which node holds
-each root), pins, drained nodes and migrations are rows in LabVM's database, which
-the hub and the admin service both open.
+Nodes are the enrolled ones (``labvm_nodes``) plus, in the one-node default, the
+node inside the hub process. A node enrolls once with a one-time join token and
+its certificate (``enroll``); from then on the hub reaches it only at its enrolled
+HTTPS URL with that certificate pinned. Heartbeat records on the shared store
+(``node.registry``) are only liveness and capacity, and count only when signed by
+the enrolled certificate; any other record is ignored and reported in
+``warnings``. Placements (which node holds each root), pins, drained nodes and
+migrations are rows in LabVM's database, which the hub and the admin service
+both open.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from sqlalchemy import Boolean, Float, Integer, String, Text, create_engine, delete, select
 from sqlalchemy.engine import make_url
@@ -50,6 +58,34 @@ class NodeFlag(_Base):
     node: Mapped[str] = mapped_column(String(64), primary_key=True)
     drained: Mapped[bool] = mapped_column(Boolean, default=False)
     changed_by: Mapped[str] = mapped_column(String(64), default="")
+
+
+class EnrolledNode(_Base):
+    """A node the hub trusts: where it is, and the certificate it enrolled with."""
+
+    __tablename__ = "labvm_nodes"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    url: Mapped[str] = mapped_column(String(300))
+    cert_pem: Mapped[str] = mapped_column(Text)
+    fingerprint: Mapped[str] = mapped_column(String(100))
+    enrolled_at: Mapped[float] = mapped_column(Float)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    revoked_by: Mapped[str] = mapped_column(String(64), default="")
+
+
+class JoinToken(_Base):
+    """A one-time, expiring token an admin made for one node (only its hash is kept)."""
+
+    __tablename__ = "labvm_join_tokens"
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    node: Mapped[str] = mapped_column(String(64))
+    expires: Mapped[float] = mapped_column(Float)
+    made_by: Mapped[str] = mapped_column(String(64), default="")
+    used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+JOIN_TOKEN_TTL_S = 3600
+JOIN_TOKEN_PREFIX = "labvm-join-"
 
 
 class Migration(_Base):
@@ -114,18 +150,40 @@ class Cluster:
         self._key: bytes | None = None
         self._local_info: dict = {}
         self._local_info_t = 0.0
+        # What the last look at the heartbeat records found wrong, for the admin page.
+        self.warnings: list[str] = []
 
     # ---- nodes -------------------------------------------------------------------
 
     async def nodes(self) -> dict[str, NodeView]:
+        """The nodes placement may use: enrolled, not revoked (and the in-process one).
+
+        A node is up only while its last heartbeat, signed by its enrolled certificate,
+        is fresh. Unsigned, badly signed and unenrolled records are ignored.
+        """
         drained = self.drained()
         views: dict[str, NodeView] = {}
-        if self.registry_dir:
-            records = await asyncio.to_thread(registry.read_records, self.registry_dir,
-                                              self.down_after_s)
-            for name, rec in records.items():
-                views[name] = NodeView(name, rec["up"], name in drained, rec.get("info") or {},
-                                       rec["age_s"])
+        enrolled = self.enrolled()
+        warnings: list[str] = []
+        records = (await asyncio.to_thread(registry.read_records, self.registry_dir,
+                                           self.down_after_s) if self.registry_dir else {})
+        for name, node in enrolled.items():
+            rec = records.get(name)
+            if rec is not None and not auth.record_signed_by(node["cert_pem"],
+                                                             registry.as_written(rec)):
+                warnings.append(f"node {name}: its heartbeat record is not signed by the "
+                                "certificate it enrolled with; ignored")
+                rec = None
+            if rec is None:
+                views[name] = NodeView(name, False, name in drained)
+            else:
+                views[name] = NodeView(name, rec["up"], name in drained,
+                                       rec.get("info") or {}, rec["age_s"])
+        for name in sorted(records.keys() - enrolled.keys()):
+            if self.local is None or name != self.local.name:
+                warnings.append(f"{name}: a heartbeat record from a node that is not "
+                                "enrolled; ignored")
+        self.warnings = warnings
         if self.local is not None:
             if time.monotonic() - self._local_info_t > 2:
                 self._local_info = await self.local.info()
@@ -136,19 +194,85 @@ class Cluster:
         return views
 
     def client(self, name: str) -> Node:
+        """How to reach node ``name``: only an enrolled, unrevoked node, at its enrolled
+        URL with its enrolled certificate (never what a heartbeat record says)."""
         if self.local is not None and name == self.local.name:
             return self.local
-        rec = (registry.read_records(self.registry_dir, self.down_after_s).get(name)
-               if self.registry_dir else None)
-        if rec is None:
-            raise LabVMError(f"unknown node {name!r}")
+        node = self.enrolled().get(name)
+        if node is None:
+            raise LabVMError(f"unknown node {name!r} (not enrolled, or revoked)")
+        return RemoteNode(name, node["url"], self.node_token(name), node["cert_pem"])
+
+    def node_token(self, name: str) -> str:
+        """The bearer token the hub calls node ``name`` with (derived from the node key)."""
         if not self.key_file:
             raise LabVMError("LabVM has no node key file configured: cannot reach node "
                              f"{name!r}")
         if self._key is None:  # read once: client() runs on every poll
             self._key = auth.load_key(self.key_file)
-        token = auth.node_token(self._key, name)
-        return RemoteNode(name, rec["url"], token, rec["cert"])
+        return auth.node_token(self._key, name)
+
+    # ---- enrollment ------------------------------------------------------------------
+
+    def enrolled(self, revoked: bool = False) -> dict[str, dict]:
+        """Enrolled nodes ({name: record}); with ``revoked``, revoked ones too."""
+        with Session(self.engine) as s:
+            rows = s.scalars(select(EnrolledNode))
+            return {n.name: _node_json(n) for n in rows if revoked or n.revoked_at is None}
+
+    def make_join_token(self, node: str, by: str, ttl_s: float = JOIN_TOKEN_TTL_S) -> dict:
+        """A one-time token for ``node`` to enroll with; shown once, only its hash kept."""
+        if not isinstance(node, str) or not registry.NODE_NAME.fullmatch(node):
+            raise LabVMError(f"invalid node name {str(node)[:70]!r}")
+        if self.local is not None and node == self.local.name:
+            raise LabVMError(f"{node!r} is the hub's own node; it needs no enrollment")
+        if not 60 <= ttl_s <= 7 * 86400:
+            raise LabVMError("a join token lives between 60 seconds and 7 days")
+        token = JOIN_TOKEN_PREFIX + secrets.token_urlsafe(32)
+        expires = time.time() + ttl_s
+        with Session(self.engine) as s, s.begin():
+            s.add(JoinToken(token_hash=_sha256(token), node=node, expires=expires,
+                            made_by=by))
+        return {"node": node, "token": token, "expires": expires}
+
+    def enroll(self, node: str, url: str, cert_pem: str, token: str) -> dict:
+        """Record ``node`` at ``url`` with ``cert_pem``, if ``token`` is its unused, unexpired
+        join token (which is then used up). Nothing changes on a refusal."""
+        if not isinstance(token, str) or not token.startswith(JOIN_TOKEN_PREFIX):
+            raise LabVMError("that is not a join token")
+        if not isinstance(node, str) or not registry.NODE_NAME.fullmatch(node):
+            raise LabVMError(f"invalid node name {str(node)[:70]!r}")
+        url = _check_node_url(url)
+        fingerprint = auth.cert_fingerprint(cert_pem)
+        host = urlsplit(url).hostname or ""
+        if host not in auth.cert_names(cert_pem):
+            raise LabVMError(f"the certificate is not valid for {host} (its names: "
+                             f"{', '.join(sorted(auth.cert_names(cert_pem))) or 'none'})")
+        now = time.time()
+        with Session(self.engine) as s, s.begin():
+            row = s.get(JoinToken, _sha256(token))
+            if row is None or row.node != node:
+                raise LabVMError(f"the join token is not one made for node {node}")
+            if row.used_at is not None:
+                raise LabVMError("the join token was used already; make a new one")
+            if row.expires < now:
+                raise LabVMError("the join token has expired; make a new one")
+            row.used_at = now
+            old = s.get(EnrolledNode, node)
+            if old is not None:
+                s.delete(old)
+                s.flush()
+            s.add(EnrolledNode(name=node, url=url, cert_pem=cert_pem, fingerprint=fingerprint,
+                               enrolled_at=now))
+        return {"node": node, "url": url, "fingerprint": fingerprint}
+
+    def revoke(self, node: str, by: str) -> None:
+        """Stop trusting ``node`` at once; it needs a new join token to come back."""
+        with Session(self.engine) as s, s.begin():
+            row = s.get(EnrolledNode, node)
+            if row is None or row.revoked_at is not None:
+                raise LabVMError(f"{str(node)[:70]!r} is not an enrolled node")
+            row.revoked_at, row.revoked_by = time.time(), by
 
     # ---- records ------------------------------------------------------------------
 
@@ -248,6 +372,31 @@ class Cluster:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _check_node_url(url: object) -> str:
+    """A node agent's URL: https://HOST:PORT and nothing else (no plain HTTP, no path)."""
+    if not isinstance(url, str):
+        raise LabVMError("the node URL must be a string")
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if (parts.scheme != "https" or not parts.hostname or port is None or parts.username
+            or parts.password or parts.path not in ("", "/") or parts.query
+            or parts.fragment):
+        raise LabVMError(f"the node URL must be https://HOST:PORT, not {url[:100]!r}")
+    return f"https://{parts.netloc}"
+
+
+def _node_json(n: EnrolledNode) -> dict:
+    return {"name": n.name, "url": n.url, "cert_pem": n.cert_pem, "fingerprint": n.fingerprint,
+            "enrolled_at": n.enrolled_at, "revoked_at": n.revoked_at, "revoked_by": n.revoked_by}
 
 
 def _migration_json(m: Migration) -> dict:

@@ -8,10 +8,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import time
 from pathlib import Path
 from typing import Any
 
+import enrolled_nodes
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.httpserver import HTTPServer
@@ -22,7 +22,6 @@ from labvm_spawner.cluster import Cluster
 from labvm_spawner.migration import MigrationRefused, Migrator
 from labvm_spawner.monitor import handlers
 from labvm_spawner.monitor.service import MonitorService
-from labvm_spawner.node import registry
 
 
 def gpus(model: str, holders: list[str | None]) -> list[dict[str, Any]]:
@@ -32,15 +31,10 @@ def gpus(model: str, holders: list[str | None]) -> list[dict[str, Any]]:
 
 def add_node(reg: Path, name: str, gpu_list: list[dict] | None = None,
              up: bool = True) -> None:
+    """An enrolled node with a signed heartbeat (an hour old unless ``up``)."""
     info = {"gpus": gpu_list or [], "cpus": 16, "mem_bytes": 64 << 30, "cpus_committed": 0,
             "mem_committed": 0, "servers": {}}
-    registry.write_record(reg, {"name": name, "url": "https://127.0.0.1:1", "cert": "",
-                                "info": info})
-    if not up:  # read_records judges by the record's "t", an hour old here
-        path = reg / f"{name}.json"
-        rec = json.loads(path.read_text())
-        rec["t"] = time.time() - 3600
-        path.write_text(json.dumps(rec))
+    enrolled_nodes.enroll(f"sqlite:///{reg.parent}/labvm.sqlite", reg, name, info, up)
 
 
 class StubHub:

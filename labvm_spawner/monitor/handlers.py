@@ -4,6 +4,7 @@ configured metrics token, never an anonymous request."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -14,6 +15,7 @@ from tornado import web
 
 from ..errors import LabVMError
 from ..names import check_username, root_key
+from ..node import auth
 from ..node.registry import NODE_NAME
 
 
@@ -236,6 +238,62 @@ class RestoreHandler(BaseHandler):
         self.monitor.log.info("%s restored %s version %d as %d", admin["name"], key, version,
                               new)
         self.write({"key": key, "restored": version, "current_version": new})
+
+
+class JoinTokenHandler(BaseHandler):
+    """{"node", "ttl_s"?} -> a one-time join token for that node, shown only this once."""
+
+    @web.authenticated
+    def post(self) -> None:
+        admin = self.admin_user()
+        body = self.json_body()
+        node = self.text_field(body, "node")
+        ttl = body.get("ttl_s", 3600)
+        if not isinstance(ttl, int | float) or isinstance(ttl, bool):
+            raise web.HTTPError(400, "'ttl_s' must be a number of seconds")
+        try:
+            made = self.monitor.cluster.make_join_token(node, admin["name"], float(ttl))
+        except LabVMError as e:
+            raise refused(400, str(e)) from e
+        self.monitor.log.info("%s made a join token for node %s", admin["name"], node)
+        self.write(made)
+
+
+class RevokeHandler(BaseHandler):
+    """{"node"}: the hub stops using that node at once."""
+
+    @web.authenticated
+    def post(self) -> None:
+        admin = self.admin_user()
+        node = self.text_field(self.json_body(), "node")
+        try:
+            self.monitor.cluster.revoke(node, admin["name"])
+        except LabVMError as e:
+            raise refused(400, str(e)) from e
+        self.monitor.log.warning("%s revoked node %s", admin["name"], node)
+        self.write({"node": node, "revoked": True})
+
+
+class EnrollHandler(BaseHandler):
+    """A new node presents its join token and certificate, once: {"name", "url", "cert",
+    "token"} -> {"node", "url", "fingerprint", "token_hash"}. No hub login: the one-time
+    token is the credential. ``token_hash`` is what the node checks the hub's calls by."""
+
+    async def post(self) -> None:
+        body = self.json_body()
+        fields = {k: self.text_field(body, k) for k in ("name", "url", "cert", "token")}
+        cluster = self.monitor.cluster
+        try:
+            token_hash = auth.token_hash(cluster.node_token(fields["name"]))
+            done = await asyncio.to_thread(cluster.enroll, fields["name"], fields["url"],
+                                           fields["cert"], fields["token"])
+        except LabVMError as e:
+            self.monitor.log.warning("refused to enroll node %r from %s: %s",
+                                     fields["name"][:70], self.request.remote_ip, e)
+            raise refused(400, str(e)) from e
+        self.monitor.log.info("enrolled node %s at %s (certificate %s)", done["node"],
+                              done["url"], done["fingerprint"])
+        self.write(dict(done, token_hash=token_hash))
 
 
 class MetricsHandler(BaseHandler):

@@ -187,6 +187,9 @@ class MonitorService(Application):
             # registered one, from its heartbeat.
             "nodes": [node_view(sample, self.node_name, self.node_name in cluster.drained())],
             "cluster_nodes": [cluster_node_view(nodes[n]) for n in sorted(nodes)],
+            "enrolled_nodes": [{k: v for k, v in n.items() if k != "cert_pem"}
+                               for n in cluster.enrolled(revoked=True).values()],
+            "node_warnings": cluster.warnings,
             "placements": placements,
             "pins": cluster.pins(),
             "migrations": cluster.migrations(),
@@ -232,6 +235,9 @@ class MonitorService(Application):
             (p + "api/admin/migrations", H.MigrationsHandler),
             (p + r"api/admin/migrations/(\d+)", H.MigrationHandler),
             (p + "api/admin/pin", H.PinHandler),
+            (p + "api/admin/nodes/join-token", H.JoinTokenHandler),
+            (p + "api/admin/nodes/revoke", H.RevokeHandler),
+            (p + "api/nodes/enroll", H.EnrollHandler),
             (p + "api/me", H.UserStateHandler),
             (p + "api/me/history", H.HistoryHandler, {"admin": False}),
             (p + "metrics", H.MetricsHandler),

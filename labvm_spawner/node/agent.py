@@ -1,5 +1,8 @@
 """``labvm-node``: the node agent, serving ``NodeOps`` over HTTPS to the hub.
 
+``labvm-node join`` enrolls a node once, with a join token an admin made;
+``labvm-node serve`` runs it.
+
 Every request needs ``Authorization: Bearer <token>``; the agent knows only the
 token's SHA-256. A request without it gets 401 and changes nothing. Besides
 serving requests the agent writes its heartbeat record (``registry``) and syncs
@@ -12,8 +15,12 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
+import ssl
 import sys
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -101,7 +108,6 @@ async def serve(ops: NodeOps, listen: str, url: str, token_hash: str, tls_dir: s
     app = make_app(ops, token_hash, pool)
     server = app.listen(int(port), host or "0.0.0.0",
                         ssl_options=auth.server_context(cert, key))
-    cert_pem = cert.read_text()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -113,7 +119,7 @@ async def serve(ops: NodeOps, listen: str, url: str, token_hash: str, tls_dir: s
                 info = await loop.run_in_executor(pool, ops.info)
                 await loop.run_in_executor(pool, registry.write_record, registry_dir,
                                            {"name": ops.config.name, "url": url,
-                                            "cert": cert_pem, "info": info})
+                                            "info": info}, key)
             except Exception:
                 log.exception("heartbeat failed")
             await asyncio.sleep(heartbeat_s)
@@ -154,8 +160,62 @@ def _tokens(argv: list[str]) -> None:
         print(auth.token_hash(auth.node_token(auth.load_key(a.key_file), a.node)))
 
 
+def _join(argv: list[str]) -> None:
+    """Enroll this node with the hub, once: its certificate and the admin's join token."""
+    p = argparse.ArgumentParser(prog="labvm-node join", description=_join.__doc__)
+    p.add_argument("--name", required=True, help="this node's name (as the token was made)")
+    p.add_argument("--url", required=True, help="https://ADDRESS:PORT the hub reaches us at")
+    p.add_argument("--hub-url", required=True, help="the hub's public URL (https in "
+                   "production: the token travels to it)")
+    p.add_argument("--token-file", required=True,
+                   help="file holding the join token (deleted once it is used)")
+    p.add_argument("--token-hash-file", required=True,
+                   help="where to keep the hash of the token the hub will call us with")
+    p.add_argument("--state-dir", default="/var/lib/labvm", help="node-local state directory")
+    p.add_argument("--tls-dir", default="", help="certificate directory (<state-dir>/tls)")
+    p.add_argument("--hub-ca", default="", help="CA bundle for the hub's certificate")
+    p.add_argument("--service", default="labvm-monitor", help="the hub's LabVM admin service")
+    a = p.parse_args(argv)
+    if not registry.NODE_NAME.fullmatch(a.name):
+        p.error(f"invalid node name {a.name!r}")
+    address = a.url.split("//", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    cert, _key = auth.ensure_cert(a.tls_dir or f"{a.state_dir}/tls", a.name, address)
+    token_file = Path(a.token_file)
+    body = json.dumps({"name": a.name, "url": a.url, "cert": cert.read_text(),
+                       "token": token_file.read_text().strip()}).encode()
+    url = f"{a.hub_url.rstrip('/')}/services/{a.service}/api/nodes/enroll"
+    ctx = ssl.create_default_context(cafile=a.hub_ca or None)
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60, context=ctx) as r:
+            answer = json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        try:
+            msg = json.loads(e.read()).get("message") or e.reason
+        except ValueError:
+            msg = e.reason
+        raise LabVMError(f"the hub refused to enroll {a.name}: {msg}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise LabVMError(f"cannot reach the hub at {a.hub_url}: {e}") from None
+    th = Path(a.token_hash_file)
+    th.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(th, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(answer["token_hash"] + "\n")
+    token_file.unlink(missing_ok=True)
+    print(f"enrolled node {answer['node']} at {answer['url']}; certificate "
+          f"{answer['fingerprint']}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "join":
+        try:
+            _join(argv[1:])
+        except (LabVMError, OSError) as e:
+            sys.exit(f"labvm-node: {e}")
+        return
     if argv and argv[0] in ("make-key", "token-hash"):
         try:
             _tokens(argv)

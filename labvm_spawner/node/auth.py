@@ -3,20 +3,30 @@
 The hub holds one key (a root-only file). Each node's token is derived from it
 (HMAC of the node name), so the hub stores no per-node secret; a node stores
 only the SHA-256 of its token, enough to check a request and useless to forge one.
-Requests travel over TLS, and the hub pins each node's self-signed certificate,
-which the node publishes with its heartbeats.
+Requests travel over TLS, and the hub pins the self-signed certificate each node
+presented when it enrolled. A node signs its heartbeat records with that
+certificate's key, so a record on the shared store that someone else wrote is
+recognised and ignored.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import ipaddress
+import json
 import os
 import ssl
 import stat
 import subprocess
 from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..errors import LabVMError
 
@@ -93,3 +103,60 @@ def pinned_context(cert_pem: str) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cadata=cert_pem)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
+
+
+# ---- certificates and signed records ------------------------------------------------------
+
+def load_cert(pem: str) -> x509.Certificate:
+    """A node's certificate; LabVMError if ``pem`` is not one we can pin."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem.encode())
+    except (ValueError, TypeError) as e:
+        raise LabVMError(f"not a PEM certificate: {e}") from e
+    if not isinstance(cert.public_key(), ec.EllipticCurvePublicKey):
+        raise LabVMError("the node certificate must have an EC key (labvm-node makes one)")
+    return cert
+
+
+def cert_fingerprint(pem: str) -> str:
+    """SHA-256 of the certificate (DER), as admins compare it: hex pairs."""
+    digest = load_cert(pem).fingerprint(hashes.SHA256()).hex()
+    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+
+
+def cert_names(pem: str) -> set[str]:
+    """The addresses and host names a certificate is valid for."""
+    try:
+        san = load_cert(pem).extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return set()
+    names = {str(ip) for ip in san.value.get_values_for_type(x509.IPAddress)}
+    return names | set(san.value.get_values_for_type(x509.DNSName))
+
+
+def _payload(record: dict[str, Any]) -> bytes:
+    body = {k: v for k, v in record.items() if k != "sig"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sign_record(key_path: str | os.PathLike[str], record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with ``sig``: an ECDSA signature by the node's certificate key."""
+    key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    sig = key.sign(_payload(record), ec.ECDSA(hashes.SHA256()))
+    return dict(record, sig=base64.b64encode(sig).decode())
+
+
+def record_signed_by(cert_pem: str, record: dict[str, Any]) -> bool:
+    """True when ``record`` carries a valid signature by this certificate's key."""
+    sig = record.get("sig")
+    if not isinstance(sig, str):
+        return False
+    try:
+        pub = load_cert(cert_pem).public_key()
+        assert isinstance(pub, ec.EllipticCurvePublicKey)
+        pub.verify(base64.b64decode(sig, validate=True), _payload(record),
+                   ec.ECDSA(hashes.SHA256()))
+        return True
+    except (InvalidSignature, ValueError, LabVMError, TypeError):
+        return False

@@ -63,6 +63,9 @@ class RemoteNode:
 
     def __init__(self, name: str, url: str, token: str, cert_pem: str,
                  timeout_s: float = 300) -> None:
+        if not url.startswith("https://"):
+            # The token must never travel in clear, and never to a certificate we did not pin.
+            raise LabVMError(f"node {name}: refusing a URL that is not HTTPS ({url[:100]!r})")
         self.name = name
         self.url = url.rstrip("/")
         self._token = token

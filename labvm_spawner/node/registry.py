@@ -1,9 +1,12 @@
-"""Node registration: each agent writes a heartbeat record the hub reads.
+"""Heartbeats: each agent writes a signed record the hub reads for liveness and capacity.
 
 Records live in a directory on the shared layer store (every node and the hub
 mount it already), one JSON file per node, replaced atomically. A record holds the
-agent's URL, its certificate (which the hub pins) and its inventory. A node whose
-record is older than ``down_after_s`` is down.
+node's inventory and the time, signed with the key of the certificate the node
+enrolled with. Anyone who can write the store can write a file here, so the hub
+trusts a record only when that signature checks out (``cluster``), and never takes
+an address or a certificate from it. A node whose record is older than
+``down_after_s`` is down.
 """
 
 from __future__ import annotations
@@ -14,18 +17,34 @@ import re
 import time
 from pathlib import Path
 
+from . import auth
+
 NODE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 # Seconds without a heartbeat before a node counts as down (tests shorten it).
 DOWN_AFTER_S = float(os.environ.get("LABVM_NODE_DOWN_AFTER_S", "15"))
 
 
-def write_record(registry_dir: str | os.PathLike[str], record: dict) -> None:
+def write_record(registry_dir: str | os.PathLike[str], record: dict,
+                 key_path: str | os.PathLike[str] | None = None) -> None:
+    """Write ``record`` with the time; signed by the certificate key ``key_path``."""
     d = Path(registry_dir)
     d.mkdir(parents=True, exist_ok=True)
     name = record["name"]
+    record = dict(record, t=time.time())
+    if key_path is not None:
+        record = auth.sign_record(key_path, record)
     tmp = d / f".{name}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(dict(record, t=time.time())))
+    tmp.write_text(json.dumps(record))
     os.replace(tmp, d / f"{name}.json")
+
+
+# What read_records adds to a record; not part of what the node signed.
+DERIVED = ("up", "age_s")
+
+
+def as_written(record: dict) -> dict:
+    """A record from ``read_records`` as the node wrote (and signed) it."""
+    return {k: v for k, v in record.items() if k not in DERIVED}
 
 
 def read_records(registry_dir: str | os.PathLike[str],
@@ -46,7 +65,10 @@ def read_records(registry_dir: str | os.PathLike[str],
             continue
         if not isinstance(rec, dict) or rec.get("name") != name:
             continue
-        age = now - float(rec.get("t", 0))
+        try:
+            age = now - float(rec.get("t", 0))
+        except (TypeError, ValueError):
+            continue
         rec["age_s"] = age
         rec["up"] = age < down_after_s
         out[name] = rec
