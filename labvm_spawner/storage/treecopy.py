@@ -343,7 +343,7 @@ def copy_scanned(tree: DirNode, src: str | Path, dst: str | Path,
         children: list[object] = []
         try:
             for name, st, xa in node.entries:
-                if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
+                if st.st_nlink > 1:  # a hard link group (of any type): made once dirs exist
                     with lock:
                         links.setdefault((st.st_dev, st.st_ino), []).append((node, name, st, xa))
                     continue
