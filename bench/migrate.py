@@ -155,13 +155,14 @@ def main() -> int:
     work = ROOT / f"bench-migrate-{int(time.time())}"
     mfs = MFS_STATE / "mnt" / work.name
     mfs.mkdir(parents=True)
-    tb = Testbed(mfs, image, work)
+    tb = Testbed(mfs, image, work, hub_port=PORT)
     hub = None
     times: dict[str, list[float]] = {"plain": [], "migrate": []}
     try:
         tb.up()
         hub = tb.hub(work / "hubbase", PORT)
         hub.start()
+        tb.enroll(hub)
         hub.create_user("boss")
         hub.create_user(USER)
         hub.spawn(USER, timeout=300)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 from dataclasses import asdict
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from jupyterhub.spawner import Spawner
 from tornado import web
@@ -172,6 +174,19 @@ class LabVMSpawner(Spawner):
         "(labvm node key / labvm node token-hash).",
     ).tag(config=True)
 
+    cluster_networks = List(
+        Unicode(),
+        help="IPv4 networks (CIDR) of the cluster's own services that containers must never "
+        "reach, besides the networks of this node's interfaces (for example the storage "
+        "network). Containers reach only the hub's API there.",
+    ).tag(config=True)
+
+    container_allow_networks = List(
+        Unicode(),
+        help="IPv4 networks (CIDR) inside the cluster's networks that containers may reach "
+        "anyway, such as a lab's package mirror.",
+    ).tag(config=True)
+
     sync_interval = Float(
         10.0,
         help="Seconds between background syncs of each running server's upper to the layer "
@@ -219,7 +234,15 @@ class LabVMSpawner(Spawner):
             userns_remap_user=self.userns_remap_user, container_uid=self.container_uid,
             stop_timeout=self.stop_timeout, capabilities=list(self.capabilities),
             secrets_root=self.secrets_root, sync_interval_s=self.sync_interval,
+            hub_api=[self._hub_api_endpoint()], cluster_nets=list(self.cluster_networks),
+            allow_nets=list(self.container_allow_networks),
         )
+
+    def _hub_api_endpoint(self) -> str:
+        """HOST:PORT of the hub's API as containers reach it (the only hub port they may)."""
+        url = urlsplit(self.hub.api_url)
+        host = socket.gethostbyname(url.hostname or "127.0.0.1")
+        return f"{host}:{url.port or (443 if url.scheme == 'https' else 80)}"
 
     @property
     def cluster(self) -> Cluster:

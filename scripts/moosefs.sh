@@ -13,7 +13,10 @@
 # system is mounted at STATE_DIR/mnt with nosuid,nodev, goal 1 and trash time 0 (setuid
 # files and devices in layers still work through the overlay: see README, "What a user
 # can reach").
-# "up" is idempotent; "down" removes mounts, processes, namespaces and data.
+# Clients must come from the root namespace's address (the hub, and the test bed's nodes,
+# whose traffic is NATed to it) and know the password in STATE_DIR/mfs.password (0600,
+# made once); the exports keep only its MD5. "up" is idempotent; "down" removes mounts,
+# processes, namespaces and data.
 set -euo pipefail
 
 CMD=${1:-status}
@@ -84,8 +87,14 @@ write_configs() {
             echo "MFSM NEW" >"$STATE/master/metadata.mfs"
         chown mfs:mfs "$STATE/master/metadata.mfs" 2>/dev/null || true
     fi
+    if [ ! -s "$STATE/mfs.password" ]; then
+        (umask 077 && head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$STATE/mfs.password")
+    fi
+    chmod 600 "$STATE/mfs.password"
+    local md5
+    md5=$(head -n1 "$STATE/mfs.password" | tr -d '\n' | md5sum | cut -d' ' -f1)
     cat >"$STATE/mfsexports.cfg" <<EOF
-$NET.0/24 / rw,alldirs,admin,maproot=0:0
+$ROOT_IP / rw,alldirs,admin,maproot=0:0,md5pass=$md5
 EOF
     : >"$STATE/mfstopology.cfg"
     cat >"$STATE/mfsmaster.cfg" <<EOF
@@ -123,6 +132,8 @@ up() {
     if ! ns_running "$NS_M" mfsmaster; then
         ip netns exec "$NS_M" mfsmaster -a -c "$STATE/mfsmaster.cfg" start >"$STATE/master.log" 2>&1 ||
             { cat "$STATE/master.log" >&2; exit 1; }
+    else  # exports may have changed
+        ip netns exec "$NS_M" mfsmaster -c "$STATE/mfsmaster.cfg" reload >/dev/null 2>&1 || true
     fi
     if ! ns_running "$NS_C" mfschunkserver; then
         ip netns exec "$NS_C" mfschunkserver -c "$STATE/mfschunkserver.cfg" start >"$STATE/chunk.log" 2>&1 ||
@@ -131,8 +142,11 @@ up() {
     if ! is_mounted; then
         local i
         for i in $(seq 1 30); do
-            mfsmount "$MNT" -H "$MASTER_IP" -o nosuid,nodev,mfsattrcacheto=0,mfsentrycacheto=0,mfsdirentrycacheto=0 \
-                >"$STATE/mount.log" 2>&1 && break
+            # -p reads the password from stdin: it never shows in a command line (this
+            # mfsmount's mfspassfile= option does not work).
+            mfsmount "$MNT" -H "$MASTER_IP" -p \
+                -o nosuid,nodev,mfsattrcacheto=0,mfsentrycacheto=0,mfsdirentrycacheto=0 \
+                <"$STATE/mfs.password" >"$STATE/mount.log" 2>&1 && break
             sleep 1
         done
         is_mounted || { cat "$STATE/mount.log" >&2; log "mount failed"; exit 1; }

@@ -66,8 +66,11 @@ if os.environ.get("LABVM_TEST_TESTBED") == "1":
     c.LabVMSpawner.local_node = False
     c.LabVMSpawner.registry_dir = os.environ["LABVM_TEST_REGISTRY"]
     c.LabVMSpawner.node_key_file = os.environ["LABVM_TEST_NODE_KEY"]
-    # Containers on the nodes reach the hub's API on the test bed's bridge.
+    # Containers on the nodes reach the hub's API on the test bed's bridge, and the
+    # nodes reach its public URL there (to enroll).
     c.JupyterHub.hub_ip = os.environ["LABVM_TEST_HUB_IP"]
+    c.JupyterHub.bind_url = (f"http://{os.environ['LABVM_TEST_HUB_IP']}:"
+                             f"{os.environ['LABVM_TEST_PORT']}")
     c.Spawner.http_timeout = 60
 
 # ---- BEGIN labvm monitor (issue 6): only for hubs started with LABVM_TEST_MONITOR=1 ----

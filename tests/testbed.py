@@ -32,6 +32,8 @@ HUB_IP = "10.78.0.1"
 NODE_IP = {"a": "10.78.0.11", "b": "10.78.0.12"}
 AGENT_PORT = 8741
 MFS_MASTER = "10.77.0.1"  # scripts/moosefs.sh
+MFS_NET = "10.77.0.0/24"
+MFS_PASSWORD = Path(os.environ.get("LABVM_MFS_DIR", "/var/lib/labvm/mfs-test")) / "mfs.password"
 GPUS = {"a": [0, 1], "b": [2, 3]}
 
 _SHIM = """
@@ -51,7 +53,8 @@ def _run(*cmd: str, **kw) -> subprocess.CompletedProcess:
 class Testbed:
     """Nodes a and b, their agents, and a store and registry on MooseFS."""
 
-    def __init__(self, mfs_dir: Path, image: str, work: Path, down_after_s: float = 6) -> None:
+    def __init__(self, mfs_dir: Path, image: str, work: Path, down_after_s: float = 6,
+                 hub_port: int = 22000) -> None:
         self.image = image
         self.work = work
         self.root = mfs_dir / f"testbed-{uuid.uuid4().hex[:8]}"
@@ -62,6 +65,7 @@ class Testbed:
         self.agents: dict[str, subprocess.Popen] = {}
         self.started: dict[str, float] = {}
         self.crash_at: dict[str, str] = {}
+        self.hub_port = hub_port  # the hub's public port; its API is the next but one
 
     # ---- nodes -------------------------------------------------------------
 
@@ -111,10 +115,11 @@ class Testbed:
         mnt.mkdir(parents=True, exist_ok=True)
         if os.path.ismount(mnt):
             return
-        r = _run("nsenter", f"--net=/var/run/netns/labvm-{n}", "mfsmount", str(mnt),
-                 "-H", MFS_MASTER, "-o",
-                 "nosuid,nodev,mfsattrcacheto=0,mfsentrycacheto=0,mfsdirentrycacheto=0",
-                 timeout=60)
+        with open(MFS_PASSWORD) as password:  # -p: from stdin, never in a command line
+            r = _run("nsenter", f"--net=/var/run/netns/labvm-{n}", "mfsmount", str(mnt),
+                     "-H", MFS_MASTER, "-p", "-o",
+                     "nosuid,nodev,mfsattrcacheto=0,mfsentrycacheto=0,mfsdirentrycacheto=0",
+                     stdin=password, timeout=60)
         if r.returncode != 0 or not os.path.ismount(mnt):
             raise RuntimeError(f"node {n} could not mount MooseFS: {r.stderr}")
 
@@ -152,6 +157,7 @@ class Testbed:
             "--docker-url", self.sock(n), "--state-dir", str(self.state(n)),
             "--store-root", str(self.node_path(n, self.store)), "--publish-ip", NODE_IP[n],
             "--secrets-root", str(NODE_RUN / n / "secrets"), "--sync-interval", "2",
+            "--hub-api", f"{HUB_IP}:{self.hub_port + 2}", "--cluster-net", MFS_NET,
         ]
         log = open(self.agent_log(n), "a")
         self.started[n] = time.time()
@@ -222,11 +228,13 @@ class Testbed:
             raise RuntimeError(f"restarting dockerd of {n} failed:\n{r.stderr}")
 
     def hub(self, base: Path, port: int, env: dict[str, str] | None = None) -> Hub:
-        """A hub (not started) with no node of its own, using nodes a and b."""
+        """A hub (not started) with no node of its own, using nodes a and b once they
+        enrolled (``enroll``). Its public URL is on the test bed's bridge, where the
+        nodes reach it too."""
         state = base / "state"
         state.mkdir(parents=True)
         (base / "monitor-procs.json").write_text("{}")
-        return Hub(base / "hub", state, Path("/dev"), port=port, env={
+        hub = Hub(base / "hub", state, Path("/dev"), port=port, env={
             "LABVM_TEST_NODE": "hub",
             "LABVM_TEST_ROOTFS": str(base / "rootfs"),
             "LABVM_TEST_IMAGE": self.image,
@@ -240,6 +248,30 @@ class Testbed:
             "LABVM_TEST_METRICS_TOKEN": uuid.uuid4().hex,
             **(env or {}),
         })
+        hub.url = f"http://{HUB_IP}:{port}"
+        return hub
+
+    def enroll(self, hub: Hub, nodes: tuple[str, ...] = tuple(NODE_IP)) -> None:
+        """Enroll nodes with the running hub as an admin would: a join token made on the
+        hub (``labvm node join-token``), presented by ``labvm-node join`` on the node."""
+        db = f"sqlite:///{hub.env['LABVM_TEST_STATE']}/labvm.sqlite"
+        for n in nodes:
+            r = _run(sys.executable, "-m", "labvm_spawner.cli", "node", "--db-url", db,
+                     "join-token", n, timeout=60)
+            if r.returncode != 0:
+                raise RuntimeError(f"join-token for {n} failed: {r.stderr}")
+            token_file = self.work / f"{n}.join-token"
+            token_file.write_text(r.stdout.strip() + "\n")
+            token_file.chmod(0o600)
+            r = _run("nsenter", f"--net=/var/run/netns/labvm-{n}", sys.executable, "-m",
+                     "labvm_spawner.node.agent", "join", "--name", n,
+                     "--url", f"https://{NODE_IP[n]}:{AGENT_PORT}", "--hub-url", hub.url,
+                     "--token-file", str(token_file),
+                     "--token-hash-file", str(self.work / f"{n}.token-hash"),
+                     "--state-dir", str(self.state(n)), timeout=60)
+            if r.returncode != 0:
+                raise RuntimeError(f"node {n} could not join:\n{r.stdout}\n{r.stderr}\n"
+                                   f"{hub.log_tail()}")
 
     # ---- teardown ------------------------------------------------------------
 

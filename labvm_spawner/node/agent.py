@@ -29,7 +29,7 @@ from tornado import web
 
 from ..allocations import GpuUnavailable
 from ..errors import LabVMError
-from . import auth, registry
+from . import auth, netpolicy, registry
 from .ops import NodeConfig, NodeOps, StartRequest
 
 log = logging.getLogger("labvm.node")
@@ -208,11 +208,40 @@ def _join(argv: list[str]) -> None:
           f"{answer['fingerprint']}")
 
 
+def _doctor(argv: list[str]) -> None:
+    """Show what this node's containers may reach: the installed network policy."""
+    p = argparse.ArgumentParser(prog="labvm-node doctor", description=_doctor.__doc__)
+    p.add_argument("--docker-url", default="", help="this node's Docker engine")
+    p.add_argument("--network", default="labvm", help="Docker network for containers")
+    a = p.parse_args(argv)
+    import docker
+
+    client = docker.DockerClient(base_url=a.docker_url) if a.docker_url else docker.from_env()
+    bridge = netpolicy.bridge_of(client, a.network)
+    print(f"containers' bridge: {bridge} (docker network {a.network})")
+    print(netpolicy.show(bridge))
+    if not netpolicy.installed(bridge):
+        sys.exit("labvm-node: the container network policy is NOT in place; start the agent "
+                 "(labvm-node serve) to install it")
+    print("the container network policy is in place")
+
+
+def _network_policy(argv: list[str]) -> None:
+    """remove: take LabVM's container network policy out of iptables."""
+    p = argparse.ArgumentParser(prog="labvm-node network-policy",
+                                description=_network_policy.__doc__)
+    p.add_argument("action", choices=["remove"])
+    p.parse_args(argv)
+    netpolicy.remove()
+    print("removed the container network policy (LABVM-FWD, LABVM-IN and their jumps)")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "join":
+    commands = {"join": _join, "doctor": _doctor, "network-policy": _network_policy}
+    if argv and argv[0] in commands:
         try:
-            _join(argv[1:])
+            commands[argv[0]](argv[1:])
         except (LabVMError, OSError) as e:
             sys.exit(f"labvm-node: {e}")
         return
@@ -242,6 +271,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dev-root", default="/dev", help="where /dev/nvidiaN live")
     p.add_argument("--secrets-root", default="/run/labvm/secrets", help="tmpfs for tokens")
     p.add_argument("--network", default="labvm", help="Docker network for containers")
+    p.add_argument("--hub-api", action="append", required=True, metavar="IP:PORT",
+                   help="the hub's API as containers reach it: the one address on the "
+                   "cluster's networks they may connect to (repeatable)")
+    p.add_argument("--cluster-net", action="append", default=[], metavar="CIDR",
+                   help="a network of the cluster's own services that containers must not "
+                   "reach, besides this node's own networks (the storage network, say)")
+    p.add_argument("--allow-net", action="append", default=[], metavar="CIDR",
+                   help="a network inside those that containers may reach (a package mirror)")
     p.add_argument("--allow-image", action="append", default=[], metavar="IMAGE",
                    help="an image this node may run besides those `labvm image build` made "
                    "(labvm/user:*); repeat for more")
@@ -261,7 +298,8 @@ def main(argv: list[str] | None = None) -> None:
                      store_root=a.store_root, image_layer_dir=a.image_layer_dir,
                      network_name=a.network, dev_root=a.dev_root, secrets_root=a.secrets_root,
                      publish_ip=a.publish_ip, sync_interval_s=a.sync_interval,
-                     allowed_images=a.allow_image)
+                     allowed_images=a.allow_image, hub_api=a.hub_api,
+                     cluster_nets=a.cluster_net, allow_nets=a.allow_net)
     ops = NodeOps(cfg)
     asyncio.run(serve(ops, a.listen, a.url, token_hash, a.tls_dir or f"{a.state_dir}/tls",
                       a.registry_dir, a.heartbeat))

@@ -36,6 +36,7 @@ from ..storage.crash import crashpoint
 from ..storage.safepath import remove_tree
 from ..storage.sync import UpperSync
 from ..userns import remap_base, require_userns
+from . import netpolicy
 
 log = logging.getLogger("labvm.node")
 
@@ -65,6 +66,11 @@ class NodeConfig:
     sync_interval_s: float = 10.0
     # Images this node runs besides those `labvm image build` made (labvm/user:*).
     allowed_images: list[str] = field(default_factory=list)
+    # Container network policy (node/netpolicy.py): the hub's API (HOST:PORT) is the only
+    # address on the cluster's own networks that containers reach.
+    hub_api: list[str] = field(default_factory=list)
+    cluster_nets: list[str] = field(default_factory=list)  # beyond the node's own networks
+    allow_nets: list[str] = field(default_factory=list)  # e.g. a package mirror in them
 
 
 @dataclass
@@ -182,7 +188,10 @@ class NodeOps:
         self._key_locks: dict[str, threading.Lock] = {}
         self._syncers: dict[str, UpperSync] = {}
         self._background: set[str] = set()  # names of upkeep threads running
-        self._network_ip = ""
+        ensure_network(self.client, config.network_name)
+        self.policy = netpolicy.node_policy(self.client, config.network_name, config.hub_api,
+                                            config.cluster_nets, config.allow_nets)
+        netpolicy.install(self.policy, owner=config.name)
         self.reconcile()
 
     def reconcile(self) -> None:
@@ -395,8 +404,6 @@ class NodeOps:
     def _server_spec(self, req: StartRequest, paths, limits, gpus, secrets_dir,
                      engine: dict) -> containerspec.ServerSpec:
         cfg = self.config
-        if not self._network_ip:
-            self._network_ip = ensure_network(self.client, cfg.network_name)
         runtime = (cfg.nvidia_runtime == "on" if cfg.nvidia_runtime != "auto"
                    else "nvidia" in (engine.get("Runtimes") or {}))
         return containerspec.ServerSpec(
@@ -605,7 +612,14 @@ class NodeOps:
             syncer.close()
 
     def sync_running(self) -> None:
-        """One round of background sync over every running server of this node."""
+        """One round of background sync over every running server of this node (and a
+        check that the container network policy is still in place)."""
+        try:
+            if not netpolicy.installed(self.policy.bridge):
+                log.warning("the container network policy was missing; installing it again")
+                netpolicy.install(self.policy, owner=self.config.name)
+        except LabVMError:
+            log.exception("cannot check the container network policy")
         for key in sorted(self.live_keys()):
             lock = self.key_lock(key)
             if not lock.acquire(blocking=False):

@@ -9,6 +9,7 @@ hub: Jupyter kernels in their server, the admin service's REST API and pages.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -30,7 +31,7 @@ ADMIN = "/services/labvm-monitor/"
 def testbed(moosefs, labvm_image, fake_gpu_dev, chp, docker_client):
     from testbed import Testbed
 
-    tb = Testbed(moosefs, labvm_image, TEST_ROOT / f"testbed-{int(time.time())}")
+    tb = Testbed(moosefs, labvm_image, TEST_ROOT / f"testbed-{int(time.time())}", hub_port=PORT)
     try:
         tb.up()
         yield tb
@@ -42,6 +43,7 @@ def testbed(moosefs, labvm_image, fake_gpu_dev, chp, docker_client):
 def hub(testbed):
     h = testbed.hub(testbed.work / "hubbase", PORT)
     h.start()
+    testbed.enroll(h)
     h.create_user("boss")
     h.boss = h.user_token("boss")
     yield h
@@ -373,11 +375,12 @@ def test_admin_pages_are_admin_only(testbed, hub):
 
 
 def test_agents_refuse_requests_without_their_token(testbed, hub):
+    from testbed import AGENT_PORT, NODE_IP
+
     from labvm_spawner.node import auth
 
-    rec = testbed.records()["a"]
-    cert = testbed.work / "a-pinned.crt"
-    cert.write_text(rec["cert"])
+    rec = {"url": f"https://{NODE_IP['a']}:{AGENT_PORT}"}
+    cert = testbed.state("a") / "tls" / "node.crt"  # the one node a enrolled with
     key = auth.load_key(testbed.key_file)
     body = {"key": "mallory", "username": "mallory", "server": "", "image": testbed.image,
             "cmd": ["sleep", "infinity"], "env": {}, "secrets": {},
@@ -401,3 +404,218 @@ def test_agents_refuse_requests_without_their_token(testbed, hub):
     ok = requests.get(rec["url"] + "/v1/info", verify=str(cert), timeout=30,
                       headers={"Authorization": f"Bearer {auth.node_token(key, 'a')}"})
     assert ok.status_code == 200 and ok.json()["name"] == "a"
+
+
+# ---- trust between the hub and its nodes, and what containers reach ----------------
+
+NET_PROBE = r"""
+import socket, sys
+for target in sys.argv[1:]:
+    host, port = target.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=4).close()
+        print(target, "open")
+    except OSError as e:
+        print(target, "closed", type(e).__name__)
+"""
+
+
+class Listener:
+    """A TCP port in the root namespace that counts who connects (a stand-in for one of
+    the hub's other services, or a forger's endpoint)."""
+
+    def __init__(self, host: str) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind((host, 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _probe(hub, user: str, targets: list[str]) -> dict[str, str]:
+    import shlex
+
+    rc, out = run(hub, user, f"python3 -c {shlex.quote(NET_PROBE)} {' '.join(targets)}")
+    assert rc == 0, out
+    return {line.split()[0]: line.split()[1] for line in out.splitlines() if line.strip()}
+
+
+def _from_node(n: str, targets: list[str]) -> dict[str, str]:
+    r = subprocess.run(["nsenter", f"--net=/var/run/netns/labvm-{n}", sys.executable, "-c",
+                        NET_PROBE, *targets], capture_output=True, text=True, timeout=120)
+    return {line.split()[0]: line.split()[1] for line in r.stdout.splitlines() if line.strip()}
+
+
+def _doctor(testbed, n: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["nsenter", f"--net=/var/run/netns/labvm-{n}", sys.executable, "-m",
+                           "labvm_spawner.node.agent", "doctor", "--docker-url",
+                           testbed.sock(n)], capture_output=True, text=True, timeout=60)
+
+
+def test_containers_reach_only_the_hub_api_and_the_outside(testbed, hub):
+    from testbed import AGENT_PORT, HUB_IP, MFS_MASTER, NODE_IP
+
+    other_port = Listener(HUB_IP)  # one of the hub host's other services
+    try:
+        hub.create_user("netcheck")
+        hub.spawn("netcheck", timeout=300)
+        n = node_of(testbed, "netcheck")
+        other = "b" if n == "a" else "a"
+        blocked = [f"{MFS_MASTER}:9421", "10.77.0.2:9422", f"{NODE_IP[other]}:{AGENT_PORT}",
+                   f"{NODE_IP[n]}:{AGENT_PORT}", f"{HUB_IP}:{PORT}",
+                   f"{HUB_IP}:{other_port.port}"]
+        hub_api = f"{HUB_IP}:{PORT + 2}"
+        # They all answer the node itself: only its containers are kept away.
+        assert set(_from_node(n, blocked + [hub_api]).values()) == {"open"}
+        seen = _probe(hub, "netcheck", blocked + [hub_api])
+        assert {t: seen[t] for t in blocked} == {t: "closed" for t in blocked}, seen
+        assert seen[hub_api] == "open"
+        rc, out = run(hub, "netcheck", "sudo -n apt-get update -qq && echo APT-OK")
+        assert rc == 0 and "APT-OK" in out, out  # the package mirrors, outside
+        doctor = _doctor(testbed, n)
+        assert doctor.returncode == 0 and "LABVM-FWD" in doctor.stdout, doctor.stdout
+
+        # A dockerd restart (unattended upgrades) leaves the policy in place.
+        testbed.kill_dockerd(n)
+        testbed.start_dockerd(n)
+        doctor = _doctor(testbed, n)
+        assert doctor.returncode == 0 and "MISSING" not in doctor.stdout, doctor.stdout
+        hub.unspawn("netcheck")
+        hub.spawn("netcheck", timeout=300)
+        assert node_of(testbed, "netcheck") == n
+        seen = _probe(hub, "netcheck", [f"{MFS_MASTER}:9421", hub_api])
+        assert seen == {f"{MFS_MASTER}:9421": "closed", hub_api: "open"}
+    finally:
+        other_port.close()
+        hub.unspawn("netcheck")
+
+
+def _state(hub) -> dict:
+    return admin(hub, "GET", "api/admin/state").json()
+
+
+def _wait_node(hub, name: str, up: bool, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = _state(hub)
+        nodes = {n["name"]: n for n in state["cluster_nodes"]}
+        if (name in nodes and nodes[name]["up"]) == up:
+            return state
+        time.sleep(0.5)
+    raise AssertionError(f"node {name} did not become {'up' if up else 'down'}")
+
+
+def test_forged_heartbeats_are_never_used(testbed, hub, tmp_path):
+    from testbed import HUB_IP
+
+    from labvm_spawner.node import auth, registry
+
+    forger = Listener(HUB_IP)
+    record_b = testbed.registry / "b.json"
+    genuine = record_b.read_text()  # replayed later: properly signed, but old
+    _, bad_key = auth.ensure_cert(tmp_path / "forger", "b", HUB_IP)
+    gpus = [{"index": i, "uuid": f"GPU-forged-{i}", "name": "NVIDIA A100-SXM4-80GB",
+             "memory_total": 80 << 30, "holder": None} for i in range(8)]
+    info = {"gpus": gpus, "cpus": 512, "mem_bytes": 1 << 42, "cpus_committed": 0,
+            "mem_committed": 0, "servers": {}}
+    # A node nobody enrolled, advertising a lot, at the forger's address.
+    registry.write_record(testbed.registry, {"name": "c", "url": f"http://{HUB_IP}:"
+                                             f"{forger.port}", "info": info}, bad_key)
+    agent_b = testbed.agents["b"]
+    os.killpg(agent_b.pid, signal.SIGSTOP)  # b's own heartbeats would overwrite ours
+    try:
+        forged = {
+            "unsigned, plain HTTP": (None, f"http://{HUB_IP}:{forger.port}"),
+            "another certificate": (bad_key, f"https://{HUB_IP}:{forger.port}"),
+        }
+        for what, (key, url) in forged.items():
+            registry.write_record(testbed.registry, {"name": "b", "url": url, "cert": "forged",
+                                                     "info": info}, key)
+            state = _wait_node(hub, "b", up=False)
+            warnings = " ".join(state["node_warnings"])
+            assert "node b" in warnings and "not signed" in warnings, (what, warnings)
+            assert "c: a heartbeat record from a node that is not enrolled" in warnings
+            assert "c" not in {n["name"] for n in state["cluster_nodes"]}
+        # A stale signature: b's own record, replayed after it went out of date.
+        time.sleep(testbed.down_after_s + 1)
+        record_b.write_text(genuine)
+        state = _wait_node(hub, "b", up=False)
+        assert not any("node b" in w for w in state["node_warnings"])  # signed, just old
+        # New servers go nowhere near the forgeries.
+        hub.create_user("forgery")
+        hub.spawn("forgery", timeout=300)
+        assert node_of(testbed, "forgery") == "a"
+        hub.unspawn("forgery")
+        assert forger.accepted == 0, "the hub called a forged address"
+    finally:
+        os.killpg(agent_b.pid, signal.SIGCONT)
+        (testbed.registry / "c.json").unlink(missing_ok=True)
+        forger.close()
+    _wait_node(hub, "b", up=True)
+
+
+def test_a_revoked_node_gets_no_more_calls(testbed, hub):
+    hub.create_user("revokee")
+    r = admin(hub, "POST", "api/admin/nodes/revoke", json={"node": "b"})
+    assert r.status_code == 200, r.text
+    try:
+        calls = testbed.agent_log("b").read_text().count(" /v1/")
+        state = _state(hub)
+        assert "b" not in {n["name"] for n in state["cluster_nodes"]}
+        enrolled = {n["name"]: n for n in state["enrolled_nodes"]}
+        assert enrolled["b"]["revoked_by"] == "boss" and not enrolled["a"]["revoked_at"]
+        assert admin(hub, "POST", "api/admin/pin", json={"user": "revokee", "node": "b"}
+                     ).status_code == 400
+        hub.spawn("revokee", timeout=300)
+        assert node_of(testbed, "revokee") == "a"
+        hub.unspawn("revokee")
+        time.sleep(3)
+        assert testbed.agent_log("b").read_text().count(" /v1/") == calls
+    finally:
+        testbed.enroll(hub, ("b",))  # back, with a new join token
+    _wait_node(hub, "b", up=True)
+
+
+def test_agents_refuse_starts_they_must_not_run(testbed, hub):
+    from testbed import AGENT_PORT, NODE_IP
+
+    from labvm_spawner.node import auth
+
+    url = f"https://{NODE_IP['a']}:{AGENT_PORT}"
+    cert = testbed.state("a") / "tls" / "node.crt"
+    token = auth.node_token(auth.load_key(testbed.key_file), "a")
+    good = {"key": "mallory", "username": "mallory", "server": "", "image": testbed.image,
+            "cmd": ["jupyterhub-singleuser"], "env": {}, "secrets": {}, "gpus": 0,
+            "limits": {"cpus": 1, "mem_bytes": 1 << 30, "pids": 100, "blkio_weight": None,
+                       "io_read_bps": None, "io_write_bps": None}}
+    cases = {
+        "a foreign image": dict(good, image="evil/miner:latest"),
+        "a user that is not the key's": dict(good, username="alice"),
+        "more CPUs than the node": dict(good, limits=dict(good["limits"], cpus=4000)),
+        "more memory than the node": dict(good, limits=dict(good["limits"],
+                                                            mem_bytes=1 << 50)),
+        "more GPUs than the node": dict(good, gpus=16),
+    }
+    for what, body in cases.items():
+        r = requests.post(f"{url}/v1/servers/mallory/start", json=body, verify=str(cert),
+                          headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        assert r.status_code == 400, (what, r.status_code, r.text)
+        assert r.json()["error"], what
+    assert not testbed.docker("a").containers.list(all=True,
+                                                   filters={"label": "labvm.key=mallory"})

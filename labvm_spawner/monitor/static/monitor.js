@@ -80,6 +80,7 @@
     document.getElementById("nodes").innerHTML = `<tr><th>Node</th><th>Placement</th><th>CPU</th>
       <th>Memory</th><th>Uppers disk</th><th>Layer store</th><th>GPUs held</th><th>Servers</th><th></th></tr>` + rows.join("");
     renderClusterNodes(state.cluster_nodes || []);
+    renderEnrolled(state.enrolled_nodes || [], state.node_warnings || []);
     const node = state.nodes[0];
     if (node) {
       const pts = await history("api/admin/history", "node", node.name);
@@ -106,6 +107,38 @@
     el.innerHTML = `<tr><th>Node</th><th>State</th><th>GPUs free / total</th><th>CPUs committed</th>
       <th>Memory committed</th><th>Servers</th><th>Placement</th><th></th></tr>` + (nodes.map(clusterNodeRow).join("")
       || '<tr><td colspan="8" class="note">No node agent has registered (MonitorService.registry_dir).</td></tr>');
+  }
+
+  // Enrolled nodes (the only ones the hub calls) and records it ignored.
+  function renderEnrolled(nodes, warnings) {
+    const w = document.getElementById("node-warnings");
+    if (w) {
+      w.innerHTML = warnings.map((t) => `<div class="warning">${esc(t)}</div>`).join("");
+    }
+    const el = document.getElementById("enrolled-nodes");
+    if (!el) return;
+    el.innerHTML = `<tr><th>Node</th><th>URL</th><th>Certificate (SHA-256)</th><th>Enrolled</th><th>State</th><th></th></tr>`
+      + (nodes.map((n) => `<tr data-enrolled="${esc(n.name)}"><td>${esc(n.name)}</td><td>${esc(n.url)}</td>
+        <td class="fingerprint">${esc(n.fingerprint)}</td><td>${esc(when(n.enrolled_at * 1000))}</td>
+        <td>${n.revoked_at ? `<span class="down">revoked</span> by ${esc(n.revoked_by)}` : "trusted"}</td>
+        <td>${n.revoked_at ? "" : `<button data-revoke="${esc(n.name)}">Revoke</button>`}</td></tr>`).join("")
+      || '<tr><td colspan="6" class="note">No node has enrolled: make a join token below.</td></tr>');
+  }
+
+  const joinForm = document.getElementById("join-token-form");
+  if (joinForm) {
+    joinForm.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      const node = document.getElementById("join-node").value;
+      const out = document.getElementById("join-token");
+      try {
+        const r = await post("api/admin/nodes/join-token", { node });
+        // Shown this once: only its hash is kept.
+        out.innerHTML = `<p>Join token for <b>${esc(r.node)}</b>, valid once until ${esc(when(r.expires * 1000))}.
+          Put it in a root-only file on the node and run <code>labvm-node join --token-file FILE ...</code>:</p>
+          <pre class="token">${esc(r.token)}</pre>`;
+      } catch (e) { out.textContent = "Refused: " + e.message; }
+    });
   }
 
   // ---- admin: GPUs -----------------------------------------------------------
@@ -245,6 +278,10 @@
         status(`Stopping the server of ${b.dataset.stop}.`);
       } else if (b.dataset.drain !== undefined) {
         await post("api/admin/drain", { node: b.dataset.drain, drained: b.dataset.to === "true" });
+      } else if (b.dataset.revoke !== undefined) {
+        if (!confirm(`Revoke node ${b.dataset.revoke}? The hub stops using it at once; it needs a new join token to come back.`)) return;
+        await post("api/admin/nodes/revoke", { node: b.dataset.revoke });
+        status(`Node ${b.dataset.revoke} revoked.`);
       } else if (b.dataset.migrate !== undefined) {
         await migrate(b);
       } else if (b.dataset.restore !== undefined) {
