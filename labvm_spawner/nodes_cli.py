@@ -17,16 +17,19 @@ DEFAULT_DB = "sqlite:////var/lib/labvm/labvm.sqlite"
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--db-url", default=os.environ.get("LABVM_DB_URL", DEFAULT_DB),
-                        help="LabVM's database (LabVMSpawner.db_url; default %(default)s)")
+    db = argparse.ArgumentParser(add_help=False)
+    db.add_argument("--db-url", default=os.environ.get("LABVM_DB_URL", DEFAULT_DB),
+                    help="LabVM's database (LabVMSpawner.db_url; default %(default)s)")
     sub = parser.add_subparsers(dest="node_command", required=True)
-    tok = sub.add_parser("join-token", help="make a one-time token for NODE to enroll with")
+    tok = sub.add_parser("join-token", parents=[db],
+                         help="make a one-time token for NODE to enroll with")
     tok.add_argument("node")
     tok.add_argument("--ttl", type=float, default=3600, help="seconds it stays valid (3600)")
     tok.set_defaults(node_func=_join_token)
-    ls = sub.add_parser("list", help="the enrolled nodes, their URLs and certificates")
+    ls = sub.add_parser("list", parents=[db],
+                        help="the enrolled nodes, their URLs and certificates")
     ls.set_defaults(node_func=_list)
-    rv = sub.add_parser("revoke", help="stop trusting NODE at once")
+    rv = sub.add_parser("revoke", parents=[db], help="stop trusting NODE at once")
     rv.add_argument("node")
     rv.set_defaults(node_func=_revoke)
 

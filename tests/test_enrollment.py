@@ -177,3 +177,19 @@ async def test_enrollment_through_the_admin_service(tmp_path: Path, db: str, key
         await asyncio.sleep(0)
         svc.cluster.close()
         svc.history.close()
+
+
+def test_the_hub_side_commands(tmp_path: Path, db: str, capsys) -> None:
+    from labvm_spawner import cli
+
+    assert cli.main(["node", "join-token", "a", "--db-url", db]) == 0
+    token = capsys.readouterr().out.strip()
+    crt = enrolled_nodes.cert(tmp_path, "a")[0].read_text()
+    Cluster(db).enroll("a", "https://127.0.0.1:8741", crt, token)
+    assert cli.main(["node", "list", "--db-url", db]) == 0
+    listing = capsys.readouterr().out
+    assert listing.startswith("a\thttps://127.0.0.1:8741\tenrolled\t")
+    assert cli.main(["node", "revoke", "a", "--db-url", db]) == 0
+    assert cli.main(["node", "revoke", "a", "--db-url", db]) == 2  # said why, on stderr
+    assert "is not an enrolled node" in capsys.readouterr().err
+    assert cli.main(["node", "join-token", "Bad Name", "--db-url", db]) == 2

@@ -256,8 +256,8 @@ class Testbed:
         hub (``labvm node join-token``), presented by ``labvm-node join`` on the node."""
         db = f"sqlite:///{hub.env['LABVM_TEST_STATE']}/labvm.sqlite"
         for n in nodes:
-            r = _run(sys.executable, "-m", "labvm_spawner.cli", "node", "--db-url", db,
-                     "join-token", n, timeout=60)
+            r = _run(sys.executable, "-m", "labvm_spawner.cli", "node", "join-token", n,
+                     "--db-url", db, timeout=60)
             if r.returncode != 0:
                 raise RuntimeError(f"join-token for {n} failed: {r.stderr}")
             token_file = self.work / f"{n}.join-token"

@@ -238,6 +238,13 @@ def _network_policy(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("join-token", "revoke"):
+        # Hub-side commands, here too because admins look for them next to `join`.
+        from .. import nodes_cli
+
+        p = argparse.ArgumentParser(prog="labvm-node")
+        nodes_cli.register(p)
+        sys.exit(nodes_cli.run(p.parse_args(argv)))
     commands = {"join": _join, "doctor": _doctor, "network-policy": _network_policy}
     if argv and argv[0] in commands:
         try:
