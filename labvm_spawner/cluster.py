@@ -28,6 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from .errors import LabVMError
+from .names import check_node_name
 from .node import auth, registry
 from .node.client import LocalNode, Node, RemoteNode
 from .node.ops import NodeOps
@@ -222,8 +223,7 @@ class Cluster:
 
     def make_join_token(self, node: str, by: str, ttl_s: float = JOIN_TOKEN_TTL_S) -> dict:
         """A one-time token for ``node`` to enroll with; shown once, only its hash kept."""
-        if not isinstance(node, str) or not registry.NODE_NAME.fullmatch(node):
-            raise LabVMError(f"invalid node name {str(node)[:70]!r}")
+        check_node_name(node)
         if self.local is not None and node == self.local.name:
             raise LabVMError(f"{node!r} is the hub's own node; it needs no enrollment")
         if not 60 <= ttl_s <= 7 * 86400:
@@ -240,8 +240,7 @@ class Cluster:
         join token (which is then used up). Nothing changes on a refusal."""
         if not isinstance(token, str) or not token.startswith(JOIN_TOKEN_PREFIX):
             raise LabVMError("that is not a join token")
-        if not isinstance(node, str) or not registry.NODE_NAME.fullmatch(node):
-            raise LabVMError(f"invalid node name {str(node)[:70]!r}")
+        check_node_name(node)
         url = _check_node_url(url)
         fingerprint = auth.cert_fingerprint(cert_pem)
         host = urlsplit(url).hostname or ""

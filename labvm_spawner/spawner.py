@@ -8,7 +8,6 @@ bookkeeping by ``allocations``.
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
 from dataclasses import asdict
 from pathlib import Path
@@ -33,7 +32,7 @@ from traitlets import (
 from . import containerspec, form
 from .cluster import Cluster, NodeView
 from .errors import LabVMError
-from .names import root_key
+from .names import is_node_name, root_key
 from .node.client import NodeUnreachable
 from .node.ops import NodeConfig, NodeOps, StartRequest
 from .placement import choose_node
@@ -89,7 +88,7 @@ class LabVMSpawner(Spawner):
 
     @validate("node_name")
     def _valid_node_name(self, proposal):
-        if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,62}", proposal["value"]):
+        if not is_node_name(proposal["value"]):
             raise TraitError(f"node_name {proposal['value']!r} is not a valid LabVM node name")
         return proposal["value"]
 

@@ -14,9 +14,8 @@ from jupyterhub.services.auth import HubOAuthenticated
 from tornado import web
 
 from ..errors import LabVMError
-from ..names import check_username, root_key
+from ..names import check_username, is_node_name, root_key
 from ..node import auth
-from ..node.registry import NODE_NAME
 
 
 def refused(status: int, message: str) -> web.HTTPError:
@@ -155,7 +154,7 @@ class DrainHandler(BaseHandler):
         admin = self.admin_user()
         body = self.json_body()
         node = str(body.get("node") or self.monitor.node_name)
-        if not NODE_NAME.fullmatch(node):
+        if not is_node_name(node):
             raise refused(400, f"invalid node name {node[:70]!r}")
         drained = bool(body.get("drained", True))
         self.monitor.cluster.set_drained(node, drained, admin["name"])

@@ -27,13 +27,14 @@ from typing import Any
 
 from tornado import web
 
+from .. import names
 from ..allocations import GpuUnavailable
 from ..errors import LabVMError
 from . import auth, netpolicy, registry
 from .ops import NodeConfig, NodeOps, StartRequest
 
 log = logging.getLogger("labvm.node")
-KEY = r"([a-z_][a-z0-9_-]{0,31}(?:\.[a-z0-9][a-z0-9_-]{0,63})?)"
+KEY = f"({names.KEY})"
 
 
 class _Handler(web.RequestHandler):
@@ -155,7 +156,7 @@ def _tokens(argv: list[str]) -> None:
     if a.cmd == "make-key":
         auth.make_key(a.path)
     else:
-        if not registry.NODE_NAME.fullmatch(a.node):
+        if not names.is_node_name(a.node):
             p.error(f"invalid node name {a.node!r}")
         print(auth.token_hash(auth.node_token(auth.load_key(a.key_file), a.node)))
 
@@ -176,7 +177,7 @@ def _join(argv: list[str]) -> None:
     p.add_argument("--hub-ca", default="", help="CA bundle for the hub's certificate")
     p.add_argument("--service", default="labvm-monitor", help="the hub's LabVM admin service")
     a = p.parse_args(argv)
-    if not registry.NODE_NAME.fullmatch(a.name):
+    if not names.is_node_name(a.name):
         p.error(f"invalid node name {a.name!r}")
     address = a.url.split("//", 1)[-1].rsplit(":", 1)[0].strip("[]")
     cert, _key = auth.ensure_cert(a.tls_dir or f"{a.state_dir}/tls", a.name, address)
@@ -294,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
                    "a node's loss to that window)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if not registry.NODE_NAME.fullmatch(a.name):
+    if not names.is_node_name(a.name):
         p.error(f"invalid node name {a.name!r}")
     if a.sync_interval <= 0:
         p.error("--sync-interval must be positive")

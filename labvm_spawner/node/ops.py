@@ -28,7 +28,7 @@ from .. import containerspec, nvml, overlay
 from ..allocations import GpuAllocator
 from ..errors import LabVMError
 from ..images import USER_IMAGE, prepare_rootfs
-from ..names import root_key
+from ..names import parse_key, root_key
 from ..network import ensure_network
 from ..policy import MIN_MEM, Limits
 from ..storage import open_store
@@ -106,7 +106,7 @@ class StartRequest:
         reaches Docker must have the type and shape the spawner sends.
         """
         try:
-            ok = isinstance(self.key, str) and root_key(*_split_key(self.key)) == self.key
+            ok = root_key(*parse_key(self.key)) == self.key
         except LabVMError:
             ok = False
         if not ok:
@@ -159,11 +159,6 @@ def _limits(data: object) -> Limits:
     if not ok or (lim.blkio_weight is not None and not 10 <= lim.blkio_weight <= 1000):
         raise LabVMError(f"bad start request: limits out of range: {data}")
     return lim
-
-
-def _split_key(key: str) -> tuple[str, str]:
-    user, _, server = key.partition(".")
-    return user, server
 
 
 class NodeOps:

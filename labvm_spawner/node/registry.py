@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from pathlib import Path
 
+from ..names import is_node_name
 from . import auth
 
-NODE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 # Seconds without a heartbeat before a node counts as down (tests shorten it).
 DOWN_AFTER_S = float(os.environ.get("LABVM_NODE_DOWN_AFTER_S", "15"))
 
@@ -57,7 +56,7 @@ def read_records(registry_dir: str | os.PathLike[str],
     now = time.time()
     for p in d.glob("*.json"):
         name = p.name[: -len(".json")]
-        if not NODE_NAME.fullmatch(name):
+        if not is_node_name(name):
             continue
         try:
             rec = json.loads(p.read_text())

@@ -26,13 +26,13 @@ import ctypes
 import fcntl
 import json
 import os
-import re
 import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..names import is_key
 from . import safepath
 from .crash import crashpoint
 from .errors import StoreError
@@ -41,7 +41,6 @@ from .treecopy import copy_tree
 
 __all__ = ["LayerStore", "StoreError", "open_store", "FsckReport"]
 
-_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,31}(\.[a-z0-9][a-z0-9_-]{0,63})?$")
 DEFAULT_KEEP = int(os.environ.get("LABVM_STORE_KEEP", "5"))
 
 
@@ -68,7 +67,7 @@ class LayerStore:
 
     # ---- layout -------------------------------------------------------------
     def key_dir(self, key: str) -> Path:
-        if not isinstance(key, str) or not _KEY.fullmatch(key):
+        if not is_key(key):
             raise StoreError(f"invalid layer key {key!r}")
         return self.root / key
 
@@ -76,7 +75,7 @@ class LayerStore:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir()
-                      if _KEY.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
+                      if is_key(p.name) and p.is_dir() and not p.is_symlink())
 
     def versions(self, key: str) -> list[int]:
         """Published version numbers of ``key``, oldest first."""
