@@ -33,6 +33,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .errors import LabVMError
+from .node.protocol import are_free as _are_free
+from .node.protocol import gpus_phrase as _gpus
 from .nvml import Gpu
 
 BUSY_TIMEOUT_S = 30
@@ -84,14 +86,6 @@ class AllocationRecord:
 
 
 _T = GpuAllocation.__table__
-
-
-def _gpus(n: int) -> str:
-    return f"{n} GPU" if n == 1 else f"{n} GPUs"
-
-
-def _are_free(n: int) -> str:
-    return "none is free" if n == 0 else f"only {n} {'is' if n == 1 else 'are'} free"
 
 
 class GpuAllocator:

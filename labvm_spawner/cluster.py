@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from sqlalchemy import Boolean, Float, Integer, String, Text, create_engine, delete, select
@@ -31,7 +32,10 @@ from .errors import LabVMError
 from .names import check_node_name
 from .node import auth, registry
 from .node.client import LocalNode, Node, RemoteNode
-from .node.ops import NodeOps
+from .node.protocol import NodeInfo
+
+if TYPE_CHECKING:
+    from .node.ops import NodeOps
 
 
 class _Base(DeclarativeBase):
@@ -116,20 +120,25 @@ class MigrationLock(_Base):
 
 @dataclass
 class NodeView:
+    """A node as placement sees it: up or not, drained or not, and its inventory."""
+
     name: str
     up: bool
     drained: bool
-    info: dict = field(default_factory=dict)
+    info: NodeInfo = field(default_factory=NodeInfo)
     age_s: float | None = None
     local: bool = False
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.info, NodeInfo):  # a heartbeat's or an agent's JSON
+            self.info = NodeInfo.from_json(self.info)
+
     def free_gpus(self, model: str | None = None, owner: str | None = None) -> list[dict]:
-        return [g for g in self.info.get("gpus", [])
-                if g.get("holder") in (None, owner) and (model is None or g["name"] == model)]
+        return self.info.free_gpus(model, owner)
 
     def as_json(self) -> dict:
         return {"name": self.name, "up": self.up, "drained": self.drained,
-                "age_s": self.age_s, "local": self.local, "info": self.info}
+                "age_s": self.age_s, "local": self.local, "info": self.info.as_json()}
 
 
 class Cluster:

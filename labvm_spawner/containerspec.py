@@ -12,27 +12,13 @@ from pathlib import Path
 
 from docker.types import DeviceRequest
 
+from .node.protocol import CAPABILITIES, SERVER_PORT, Limits
 from .nvml import Gpu
-from .policy import Limits
-
-# What sudo and apt need, and nothing more: no MKNOD (a container must not make
-# device nodes for GPUs it does not hold), no NET_RAW, no SYS_ADMIN.
-CAPABILITIES = (
-    "AUDIT_WRITE",  # sudo and PAM log to the audit socket
-    "CHOWN",
-    "DAC_OVERRIDE",
-    "FOWNER",
-    "FSETID",
-    "KILL",
-    "SETGID",
-    "SETUID",
-)
 
 # Not part of the persistent root: fresh for every start.
 EPHEMERAL = frozenset({"tmp", "proc", "sys", "dev", "run"})
 
 RUNTIME_DIR = Path(__file__).resolve().parent / "runtime"
-SERVER_PORT = 8888
 
 
 @dataclass

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from .cluster import Cluster
 from .errors import LabVMError
 from .names import check_server_name, check_username, root_key
+from .node.protocol import NodeInfo
 
 log = logging.getLogger("labvm.migration")
 
@@ -97,19 +98,18 @@ class Migrator:
         src = nodes.get(source)
         source_up = bool(src and src.up)
         held: dict[str, int] = {}
-        if src is not None:
-            for g in src.info.get("gpus", []):
-                if g.get("holder") == key:
-                    held[g["name"]] = held.get(g["name"], 0) + 1
+        for g in src.info.held_by(key) if src is not None else []:
+            held[g["name"]] = held.get(g["name"], 0) + 1
         if held:
             # Heartbeats lag by a few seconds; the target's agent knows its GPUs now.
             # If it does not answer now, its last heartbeat decides.
             try:
-                nodes[target].info = await self.cluster.client(target).info()
+                nodes[target].info = NodeInfo.from_json(
+                    await self.cluster.client(target).info())
             except LabVMError as e:
                 log.warning("node %s did not answer (%s); using its heartbeat", target, e)
         for model_name, n in held.items():
-            free = len(nodes[target].free_gpus(model_name, key))
+            free = len(nodes[target].info.free_gpus(model_name, key))
             if free < n:
                 raise MigrationRefused(
                     f"node {target} has {free} free {model_name} GPU(s); {key} holds {n}")

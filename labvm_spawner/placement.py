@@ -5,10 +5,11 @@ Pure functions over ``cluster.NodeView``s, so every rule is testable without nod
 
 from __future__ import annotations
 
-from .allocations import _are_free, _gpus
 from .cluster import NodeView
 from .errors import LabVMError
-from .policy import Limits
+from .node.protocol import Limits
+from .node.protocol import are_free as _are_free
+from .node.protocol import gpus_phrase as _gpus
 
 
 def fits(node: NodeView, key: str, gpus: int, model: str | None, limits: Limits,
@@ -17,17 +18,16 @@ def fits(node: NodeView, key: str, gpus: int, model: str | None, limits: Limits,
     if not node.up:
         return f"node {node.name} is down"
     info = node.info
-    free = len(node.free_gpus(model, key)) if not sharing else len(
-        [g for g in info.get("gpus", []) if model is None or g["name"] == model])
+    free = info.usable_gpus(model, key, sharing)
     if free < gpus:
         what = f"{_gpus(gpus)} of model {model!r}" if model else _gpus(gpus)
         return f"{what} requested but {_are_free(free)} on node {node.name}"
     # Memory limits are a hard line (the OOM killer); CPU limits are shares of time a
     # lab happily overcommits, so CPU only ranks the nodes (choose_node).
-    running = key in (info.get("servers") or {})
-    mem_free = info.get("mem_bytes", 0) - info.get("mem_committed", 0)
-    if not running and mem_free < limits.mem_bytes:
-        return f"node {node.name} has {mem_free >> 20} MiB to spare, {limits.mem_bytes >> 20} asked"
+    running = key in info.servers
+    if not running and info.mem_free < limits.mem_bytes:
+        return (f"node {node.name} has {info.mem_free >> 20} MiB to spare, "
+                f"{limits.mem_bytes >> 20} asked")
     return None
 
 
@@ -70,8 +70,8 @@ def choose_node(nodes: dict[str, NodeView], key: str, gpus: int, model: str | No
         info = node.info
         # Pack: fewest GPUs left free by this choice (CPU-only users stay off GPU
         # nodes), then the most CPU to spare.
-        spare = len(node.free_gpus(model, key)) - gpus
-        load = (info.get("cpus_committed", 0) + limits.cpus) / max(info.get("cpus", 1), 1)
+        spare = len(info.free_gpus(model, key)) - gpus
+        load = (info.cpus_committed + limits.cpus) / max(info.cpus, 1)
         candidates.append((spare, load, node.name))
     if not candidates:
         detail = "; ".join(sorted(reasons)) or "no node is registered"

@@ -18,16 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import LabVMError
-
-
-@dataclass
-class Limits:
-    cpus: float
-    mem_bytes: int
-    pids: int
-    blkio_weight: int | None  # None: docker's default weight
-    io_read_bps: int | None  # None: unlimited; applies to the device of the user's upper dir
-    io_write_bps: int | None
+from .node.protocol import MIN_MEM, Limits
 
 
 @dataclass
@@ -50,7 +41,6 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
 }
 KEYS = tuple(BUILTIN_DEFAULTS)
 
-MIN_MEM = 6 * 1024 * 1024  # docker refuses smaller memory limits
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgtp])(?:ib?|b)?|b?)\s*$", re.IGNORECASE)

@@ -29,12 +29,12 @@ from traitlets import (
     validate,
 )
 
-from . import containerspec, form
+from . import form
 from .cluster import Cluster, NodeView
 from .errors import LabVMError
 from .names import is_node_name, root_key
 from .node.client import NodeUnreachable
-from .node.ops import NodeConfig, NodeOps, StartRequest
+from .node.protocol import CAPABILITIES, SERVER_PORT, NodeConfig, StartRequest
 from .placement import choose_node
 from .policy import resolve_policy, validate_config
 
@@ -145,7 +145,7 @@ class LabVMSpawner(Spawner):
     ).tag(config=True)
 
     capabilities = List(
-        list(containerspec.CAPABILITIES),
+        list(CAPABILITIES),
         help="Linux capabilities of the container's root (all others are dropped).",
     ).tag(config=True)
 
@@ -248,7 +248,12 @@ class LabVMSpawner(Spawner):
         db = self.db_url or f"sqlite:///{Path(self.state_dir) / 'labvm.sqlite'}"
         cache_key = (db, self.registry_dir, self.local_node, self.node_name)
         if cache_key not in _clusters:
-            local = NodeOps(self.node_config()) if self.local_node else None
+            local = None
+            if self.local_node:
+                # Only here does the hub load the node engine (and the Docker SDK).
+                from .node.ops import NodeOps
+
+                local = NodeOps(self.node_config())
             cluster = Cluster(db, self.registry_dir, self.node_key_file, local)
             if local is not None:
                 _start_background_sync(local, self.log)
@@ -269,7 +274,7 @@ class LabVMSpawner(Spawner):
     @staticmethod
     def _gpu_models(nodes: dict[str, NodeView]) -> list[str]:
         """GPU models an option may name: those of the nodes that are up."""
-        return sorted({g["name"] for n in nodes.values() if n.up for g in n.info.get("gpus", [])})
+        return sorted({m for n in nodes.values() if n.up for m in n.info.models()})
 
     def _gpu_counts(self, nodes: dict[str, NodeView], sharing: bool
                     ) -> tuple[dict[str, int], dict[str, int]]:
@@ -281,11 +286,9 @@ class LabVMSpawner(Spawner):
         for node in nodes.values():
             if not node.up:
                 continue
-            here: dict[str, int] = {}
-            for g in node.info.get("gpus", []):
-                total[g["name"]] = total.get(g["name"], 0) + 1
-                if sharing or g.get("holder") in (None, key):
-                    here[g["name"]] = here.get(g["name"], 0) + 1
+            for model, counts in node.info.by_model().items():
+                total[model] = total.get(model, 0) + counts["total"]
+            here = {m: node.info.usable_gpus(m, key, sharing) for m in node.info.models()}
             if home is None and node.drained:
                 continue
             if home is None or home == node.name:
@@ -379,7 +382,7 @@ class LabVMSpawner(Spawner):
 
         # One environment, split: tokens go to the node's tmpfs file, the rest to Docker.
         self.ip = "0.0.0.0"
-        self.port = containerspec.SERVER_PORT
+        self.port = SERVER_PORT
         env = self.get_env()
         secrets = {k: env.pop(k) for k in list(env) if _is_secret(k)}
         req = StartRequest(
@@ -451,7 +454,7 @@ def _is_secret(name: str) -> bool:
     return any(w in name for w in ("TOKEN", "SECRET", "PASSWORD"))
 
 
-def _start_background_sync(ops: NodeOps, log) -> None:
+def _start_background_sync(ops, log) -> None:  # ops: node.ops.NodeOps
     """The in-process node's background sync, on the hub's event loop."""
 
     async def tick() -> None:

@@ -48,7 +48,7 @@ def _accepted_everywhere(key: str) -> dict[str, bool]:
 
     from labvm_spawner.names import parse_key
     from labvm_spawner.node import agent
-    from labvm_spawner.node.ops import StartRequest
+    from labvm_spawner.node.protocol import StartRequest
     from labvm_spawner.storage.store import LayerStore, StoreError
 
     seen = {"route": re.fullmatch(agent.KEY, key) is not None}

@@ -7,7 +7,7 @@ import copy
 import pytest
 
 from labvm_spawner.errors import LabVMError
-from labvm_spawner.node.ops import StartRequest
+from labvm_spawner.node.protocol import StartRequest
 
 GOOD = {
     "key": "alice.work", "username": "alice", "server": "work", "image": "labvm/user:abc123",

@@ -109,18 +109,14 @@ def node_view(sample: Sample | None, node: str, drained: bool) -> dict[str, Any]
 def cluster_node_view(node: NodeView) -> dict[str, Any]:
     """A registered node from its heartbeat: up or down, GPUs by model, committed CPU/memory."""
     info = node.info
-    models: dict[str, dict[str, int]] = {}
-    for g in info.get("gpus") or []:
-        m = models.setdefault(str(g.get("name", "?")), {"total": 0, "free": 0})
-        m["total"] += 1
-        m["free"] += 0 if g.get("holder") else 1
+    models = info.by_model()
     return {
         "name": node.name, "up": node.up, "age_s": node.age_s, "drained": node.drained,
         "local": node.local,
         "gpus": [{"model": k, **v} for k, v in sorted(models.items())],
         "gpus_total": sum(v["total"] for v in models.values()),
         "gpus_free": sum(v["free"] for v in models.values()),
-        "cpus": info.get("cpus", 0), "cpus_committed": info.get("cpus_committed", 0),
-        "mem_bytes": info.get("mem_bytes", 0), "mem_committed": info.get("mem_committed", 0),
-        "servers": len(info.get("servers") or {}),
+        "cpus": info.cpus, "cpus_committed": info.cpus_committed,
+        "mem_bytes": info.mem_bytes, "mem_committed": info.mem_committed,
+        "servers": len(info.servers),
     }

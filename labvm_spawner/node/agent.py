@@ -31,7 +31,8 @@ from .. import names
 from ..allocations import GpuUnavailable
 from ..errors import LabVMError
 from . import auth, netpolicy, registry
-from .ops import NodeConfig, NodeOps, StartRequest
+from .ops import NodeOps
+from .protocol import NodeConfig, StartRequest
 
 log = logging.getLogger("labvm.node")
 KEY = f"({names.KEY})"

@@ -8,12 +8,16 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from ..errors import LabVMError
 from .auth import pinned_context
-from .ops import Emit, NodeOps, StartRequest
+from .protocol import Emit, StartRequest
+
+if TYPE_CHECKING:
+    from .ops import NodeOps
 
 
 class NodeUnreachable(LabVMError):

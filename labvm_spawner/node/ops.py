@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import docker
@@ -28,137 +27,16 @@ from .. import containerspec, nvml, overlay
 from ..allocations import GpuAllocator
 from ..errors import LabVMError
 from ..images import USER_IMAGE, prepare_rootfs
-from ..names import parse_key, root_key
 from ..network import ensure_network
-from ..policy import MIN_MEM, Limits
 from ..storage import open_store
 from ..storage.crash import crashpoint
 from ..storage.safepath import remove_tree
 from ..storage.sync import UpperSync
 from ..userns import remap_base, require_userns
 from . import netpolicy
+from .protocol import SERVER_PORT, Emit, Limits, NodeConfig, StartRequest
 
 log = logging.getLogger("labvm.node")
-
-Emit = Callable[[int, str], None]
-
-
-@dataclass
-class NodeConfig:
-    """One node's settings (the agent's command line, or the spawner's traitlets)."""
-
-    name: str = "local"
-    docker_url: str = ""
-    state_dir: str = "/var/lib/labvm"
-    store_root: str = ""  # empty: <state_dir>/store
-    image_layer_dir: str = ""  # empty: <state_dir>/rootfs
-    db_url: str = ""  # empty: sqlite:///<state_dir>/labvm.sqlite
-    network_name: str = "labvm"
-    dev_root: str = "/dev"
-    nvidia_runtime: str = "auto"
-    gpu_sharing: bool = False
-    userns_remap_user: str = "dockremap"
-    container_uid: int = 1000
-    stop_timeout: float = 10
-    capabilities: list[str] = field(default_factory=lambda: list(containerspec.CAPABILITIES))
-    secrets_root: str = "/run/labvm/secrets"
-    publish_ip: str = ""  # empty: the hub reaches containers on the node's bridge
-    sync_interval_s: float = 10.0
-    # Images this node runs besides those `labvm image build` made (labvm/user:*).
-    allowed_images: list[str] = field(default_factory=list)
-    # Container network policy (node/netpolicy.py): the hub's API (HOST:PORT) is the only
-    # address on the cluster's own networks that containers reach.
-    hub_api: list[str] = field(default_factory=list)
-    cluster_nets: list[str] = field(default_factory=list)  # beyond the node's own networks
-    allow_nets: list[str] = field(default_factory=list)  # e.g. a package mirror in them
-
-
-@dataclass
-class StartRequest:
-    """Everything a node needs to start one server; built by the spawner."""
-
-    key: str
-    username: str
-    server: str
-    image: str
-    cmd: list[str]
-    env: dict[str, str]
-    secrets: dict[str, str]
-    limits: dict
-    gpus: int = 0
-    model: str | None = None
-    sharing: bool = False
-    timeout_s: float = 120
-
-    @classmethod
-    def from_json(cls, data: dict) -> StartRequest:
-        try:
-            req = cls(**data)
-        except TypeError as e:
-            raise LabVMError(f"bad start request: {e}") from e
-        req.checked_limits()
-        return req
-
-    def checked_limits(self) -> Limits:
-        """Check every field as the untrusted input it is on a node; the limits, parsed.
-
-        The key must be the root of exactly this user and server, and everything that
-        reaches Docker must have the type and shape the spawner sends.
-        """
-        try:
-            ok = root_key(*parse_key(self.key)) == self.key
-        except LabVMError:
-            ok = False
-        if not ok:
-            raise LabVMError(f"bad start request: malformed key {str(self.key)[:80]!r}")
-        if not isinstance(self.username, str) or not isinstance(self.server, str) or \
-                root_key(self.username, self.server) != self.key:
-            raise LabVMError(f"bad start request: key {self.key!r} is not the root of user "
-                             f"{str(self.username)[:40]!r}, server {str(self.server)[:70]!r}")
-        if not isinstance(self.image, str) or not _IMAGE.fullmatch(self.image):
-            raise LabVMError(f"bad start request: image {str(self.image)[:80]!r}")
-        if not (isinstance(self.cmd, list) and self.cmd and all(_plain(a) for a in self.cmd)):
-            raise LabVMError("bad start request: cmd must be a non-empty list of strings")
-        for what, env in (("env", self.env), ("secrets", self.secrets)):
-            if not isinstance(env, dict) or not all(
-                    isinstance(k, str) and _ENV_NAME.fullmatch(k) and _plain(v)
-                    for k, v in env.items()):
-                raise LabVMError(f"bad start request: {what} must map variable names to "
-                                 "strings")
-        if type(self.gpus) is not int or not 0 <= self.gpus <= 64:
-            raise LabVMError(f"bad start request: gpus {self.gpus!r}")
-        if self.model is not None and not _plain(self.model):
-            raise LabVMError("bad start request: model must be a string")
-        if type(self.sharing) is not bool:
-            raise LabVMError("bad start request: sharing must be true or false")
-        if not isinstance(self.timeout_s, int | float) or not 0 < self.timeout_s <= 3600:
-            raise LabVMError(f"bad start request: timeout_s {self.timeout_s!r}")
-        return _limits(self.limits)
-
-
-_IMAGE = re.compile(r"[a-z0-9][a-z0-9._/-]{0,200}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
-                    r"(@sha256:[0-9a-f]{64})?")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
-
-
-def _plain(value: object) -> bool:
-    return isinstance(value, str) and "\0" not in value and len(value) <= 65536
-
-
-def _limits(data: object) -> Limits:
-    """Limits from a request, each field of the type and range Docker takes."""
-    if not isinstance(data, dict) or set(data) != {f.name for f in fields(Limits)}:
-        raise LabVMError("bad start request: limits must have exactly "
-                         + ", ".join(f.name for f in fields(Limits)))
-    lim = Limits(**data)
-    ok = (isinstance(lim.cpus, int | float) and 0 < lim.cpus <= 4096
-          and type(lim.mem_bytes) is int and lim.mem_bytes >= MIN_MEM
-          and type(lim.pids) is int and 0 < lim.pids <= 1 << 22
-          and all(v is None or (type(v) is int and v > 0)
-                  for v in (lim.blkio_weight, lim.io_read_bps, lim.io_write_bps)))
-    if not ok or (lim.blkio_weight is not None and not 10 <= lim.blkio_weight <= 1000):
-        raise LabVMError(f"bad start request: limits out of range: {data}")
-    return lim
 
 
 class NodeOps:
@@ -447,13 +325,13 @@ class NodeOps:
                 raise LabVMError(f"the container exited at start:\n{logs}")
             net = container.attrs["NetworkSettings"]
             if self.config.publish_ip:
-                bound = (net.get("Ports") or {}).get(f"{containerspec.SERVER_PORT}/tcp")
+                bound = (net.get("Ports") or {}).get(f"{SERVER_PORT}/tcp")
                 if bound:
                     return self.config.publish_ip, int(bound[0]["HostPort"])
             else:
                 ip = (net["Networks"].get(self.config.network_name) or {}).get("IPAddress")
                 if ip:
-                    return ip, containerspec.SERVER_PORT
+                    return ip, SERVER_PORT
             time.sleep(0.1)
         raise LabVMError("the container got no network address")
 
@@ -468,7 +346,7 @@ class NodeOps:
         checked = time.monotonic()
         while time.monotonic() < deadline:
             try:
-                socket.create_connection((ip, containerspec.SERVER_PORT), timeout=1).close()
+                socket.create_connection((ip, SERVER_PORT), timeout=1).close()
                 return
             except OSError:
                 pass
