@@ -176,9 +176,9 @@ class Migrator:
             if src is not None:
                 self._step(mid, f"final sync of {key} on node {source}")
                 status = await src.status(key)
-                if status["state"] == "running":
+                if status.state == "running":
                     raise LabVMError(f"{key} still runs on node {source}")
-                if not status.get("synced_clean"):
+                if not status.synced_clean:
                     result = await src.sync(key)
                     if not result.get("synced"):
                         raise LabVMError(f"the final sync of {key} on node {source} failed")

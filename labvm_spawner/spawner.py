@@ -395,8 +395,8 @@ class LabVMSpawner(Spawner):
             result = await node.start(req, self._emit)
         except NodeUnreachable as e:
             raise LabVMError(f"Node {node_name} did not answer; try again soon. ({e})") from e
-        self.container_id = result["container_id"]
-        return (result["ip"], result["port"])
+        self.container_id = result.container_id
+        return (result.ip, result.port)
 
     async def poll(self):
         if self._starting:
@@ -415,14 +415,14 @@ class LabVMSpawner(Spawner):
             self.log.warning("%s: node %s is down; its server counts as stopped",
                              self._log_name, node_name)
             return 1
-        if st["state"] == "running":
+        if st.state == "running":
             return None
         # The hub calls stop() only for servers that poll as running, so a server that
         # died on its own is cleaned up here: no container, mount or GPU left held. That
         # includes a start cut short by a hub crash, before its state was saved.
         await node.stop(self.key)
         self.container_id = ""
-        return st["exit_code"] or 0
+        return st.exit_code or 0
 
     async def stop(self, now=False):
         node_name = self.node or (self.node_name if self.local_node else "")

@@ -50,8 +50,9 @@ from labvm_spawner.node.netpolicy import Policy
 p = Policy(**json.loads(sys.argv[1]))
 state = Path(sys.argv[2])
 def listing():
-    return subprocess.run(["iptables-save", "-t", "filter"], capture_output=True,
-                          text=True).stdout
+    out = subprocess.run(["iptables-save", "-t", "filter"], capture_output=True,
+                         text=True).stdout
+    return "\n".join(line for line in out.splitlines() if not line.startswith("#"))
 netpolicy.install(p, "n1", state)
 netpolicy.install(p, "n1", state)  # again: nothing doubles
 first = listing()

@@ -14,7 +14,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from ..errors import LabVMError
 from .auth import pinned_context
-from .protocol import Emit, StartRequest
+from .protocol import Emit, StartRequest, StartResult, Status
 
 if TYPE_CHECKING:
     from .ops import NodeOps
@@ -44,11 +44,11 @@ class LocalNode:
     async def info(self) -> dict:
         return await asyncio.to_thread(self.ops.info)
 
-    async def start(self, req: StartRequest, emit: Emit | None = None) -> dict:
-        return await asyncio.to_thread(self.ops.start, req, emit)
+    async def start(self, req: StartRequest, emit: Emit | None = None) -> StartResult:
+        return StartResult.from_json(await asyncio.to_thread(self.ops.start, req, emit))
 
-    async def status(self, key: str) -> dict:
-        return await asyncio.to_thread(self.ops.status, key)
+    async def status(self, key: str) -> Status:
+        return Status.from_json(await asyncio.to_thread(self.ops.status, key))
 
     async def stop(self, key: str) -> dict:
         return await asyncio.to_thread(self.ops.stop, key)
@@ -103,14 +103,14 @@ class RemoteNode:
     async def info(self) -> dict:
         return await self._call("GET", "/v1/info", timeout_s=20)
 
-    async def start(self, req: StartRequest, emit: Emit | None = None) -> dict:
+    async def start(self, req: StartRequest, emit: Emit | None = None) -> StartResult:
         if emit:
             emit(40, f"Starting on node {self.name}")
-        return await self._call("POST", f"/v1/servers/{req.key}/start", asdict(req),
-                                timeout_s=req.timeout_s + 600)
+        return StartResult.from_json(await self._call(
+            "POST", f"/v1/servers/{req.key}/start", asdict(req), timeout_s=req.timeout_s + 600))
 
-    async def status(self, key: str) -> dict:
-        return await self._call("GET", f"/v1/servers/{key}", timeout_s=20)
+    async def status(self, key: str) -> Status:
+        return Status.from_json(await self._call("GET", f"/v1/servers/{key}", timeout_s=20))
 
     async def stop(self, key: str) -> dict:
         return await self._call("POST", f"/v1/servers/{key}/stop")
