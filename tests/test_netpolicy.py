@@ -52,7 +52,7 @@ state = Path(sys.argv[2])
 def listing():
     out = subprocess.run(["iptables-save", "-t", "filter"], capture_output=True,
                          text=True).stdout
-    return "\n".join(line for line in out.splitlines() if not line.startswith("#"))
+    return "\\n".join(line for line in out.splitlines() if not line.startswith("#"))
 netpolicy.install(p, "n1", state)
 netpolicy.install(p, "n1", state)  # again: nothing doubles
 first = listing()
