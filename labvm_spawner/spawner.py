@@ -18,23 +18,18 @@ from tornado import web
 from tornado.ioloop import PeriodicCallback
 from traitlets import (
     Bool,
-    CaselessStrEnum,
     Dict,
-    Float,
-    Int,
-    List,
-    TraitError,
     Unicode,
     default,
-    validate,
 )
 
 from . import form
 from .cluster import Cluster, NodeView
 from .errors import LabVMError
-from .names import is_node_name, root_key
+from .names import root_key
 from .node.client import NodeUnreachable
-from .node.protocol import CAPABILITIES, SERVER_PORT, NodeConfig, StartRequest
+from .node.protocol import SERVER_PORT, NodeConfig, StartRequest
+from .node.settings import NodeSettings
 from .placement import choose_node
 from .policy import resolve_policy, validate_config
 
@@ -42,77 +37,12 @@ from .policy import resolve_policy, validate_config
 _clusters: dict[tuple, Cluster] = {}
 
 
-class LabVMSpawner(Spawner):
+class LabVMSpawner(NodeSettings, Spawner):
     """Spawn each user's server in a Docker container whose root is a persistent overlay."""
 
     image = Unicode(
         "labvm/user:latest",
         help="Docker image whose root filesystem is the bottom, shared layer of every root.",
-    ).tag(config=True)
-
-    docker_url = Unicode(
-        "",
-        help="Docker engine URL (e.g. unix:///var/run/docker.sock); empty uses DOCKER_HOST "
-        "or the default socket. The socket is never passed into a container.",
-    ).tag(config=True)
-
-    state_dir = Unicode(
-        "/var/lib/labvm",
-        help="Node-local directory for uppers, mount points and the unpacked image layer. "
-        "It must be on a local filesystem that supports overlayfs upper directories.",
-    ).tag(config=True)
-
-    store_root = Unicode(
-        "",
-        help="Root of the layer store (a local directory, or a MooseFS mount for several "
-        "nodes). Empty means <state_dir>/store.",
-    ).tag(config=True)
-
-    image_layer_dir = Unicode(
-        "",
-        help="Where image root filesystems are unpacked as shared overlay layers. Empty "
-        "means <state_dir>/rootfs.",
-    ).tag(config=True)
-
-    db_url = Unicode(
-        "",
-        help="SQLAlchemy URL of LabVM's database (GPU allocations). Empty means "
-        "sqlite:///<state_dir>/labvm.sqlite.",
-    ).tag(config=True)
-
-    node_name = Unicode(
-        "local",
-        help="Name of this node in LabVM's records and container names (lower-case letters, "
-        "digits, '-', '_' and '.').",
-    ).tag(config=True)
-
-    @validate("node_name")
-    def _valid_node_name(self, proposal):
-        if not is_node_name(proposal["value"]):
-            raise TraitError(f"node_name {proposal['value']!r} is not a valid LabVM node name")
-        return proposal["value"]
-
-    network_name = Unicode(
-        "labvm",
-        help="Docker bridge network for user containers (created if missing, with "
-        "inter-container traffic off).",
-    ).tag(config=True)
-
-    dev_root = Unicode(
-        "/dev",
-        help="Directory holding the host's /dev/nvidiaN and control device nodes.",
-    ).tag(config=True)
-
-    nvidia_runtime = CaselessStrEnum(
-        ["auto", "on", "off"],
-        "auto",
-        help="Pass GPUs to Docker as a DeviceRequest by UUID: 'auto' does so when the "
-        "engine has the NVIDIA runtime. Device nodes are passed either way.",
-    ).tag(config=True)
-
-    gpu_sharing = Bool(
-        False,
-        help="Allow several users on one GPU. Off: every GPU is held by one server at most.",
     ).tag(config=True)
 
     policy = Dict(
@@ -130,31 +60,6 @@ class LabVMSpawner(Spawner):
 
     user_policy = Dict(help="Policy overrides per username, applied last.").tag(config=True)
 
-    userns_remap_user = Unicode(
-        "dockremap",
-        help="The user whose /etc/subuid range dockerd's userns-remap uses; its first id "
-        "is the host uid of every container's root.",
-    ).tag(config=True)
-
-    container_uid = Int(1000, help="uid of the user's own account inside the container.").tag(
-        config=True
-    )
-
-    stop_timeout = Float(
-        10, help="Seconds a container gets to stop before it is killed."
-    ).tag(config=True)
-
-    capabilities = List(
-        list(CAPABILITIES),
-        help="Linux capabilities of the container's root (all others are dropped).",
-    ).tag(config=True)
-
-    secrets_root = Unicode(
-        "/run/labvm/secrets",
-        help="tmpfs where each server's tokens are handed to its container, so that no "
-        "token is written to disk in the container's stored configuration.",
-    ).tag(config=True)
-
     local_node = Bool(
         True,
         help="Run a node inside the hub process (named node_name, using this host's Docker, "
@@ -169,35 +74,9 @@ class LabVMSpawner(Spawner):
 
     node_key_file = Unicode(
         "",
-        help="Root-only file with the hub's node key; each node's token is derived from it "
-        "(labvm node key / labvm node token-hash).",
+        help="Root-only file with the hub's node key (made by `labvm-node make-key FILE`); "
+        "each node's token is derived from it, and `labvm-node join` gets its hash.",
     ).tag(config=True)
-
-    cluster_networks = List(
-        Unicode(),
-        help="IPv4 networks (CIDR) of the cluster's own services that containers must never "
-        "reach, besides the networks of this node's interfaces (for example the storage "
-        "network). Containers reach only the hub's API there.",
-    ).tag(config=True)
-
-    container_allow_networks = List(
-        Unicode(),
-        help="IPv4 networks (CIDR) inside the cluster's networks that containers may reach "
-        "anyway, such as a lab's package mirror.",
-    ).tag(config=True)
-
-    sync_interval = Float(
-        10.0,
-        help="Seconds between background syncs of each running server's upper to the layer "
-        "store (the in-process node; agents take --sync-interval). A node's loss loses at "
-        "most this window.",
-    ).tag(config=True)
-
-    @validate("sync_interval")
-    def _valid_sync_interval(self, proposal):
-        if proposal["value"] <= 0:
-            raise TraitError("sync_interval must be positive")
-        return proposal["value"]
 
     @default("options_form")
     def _options_form_default(self):
@@ -223,19 +102,9 @@ class LabVMSpawner(Spawner):
 
     # ---- helpers -----------------------------------------------------------
 
-    def node_config(self) -> NodeConfig:
+    def local_node_config(self) -> NodeConfig:
         """This hub's own node, when it runs one (``local_node``)."""
-        return NodeConfig(
-            name=self.node_name, docker_url=self.docker_url, state_dir=self.state_dir,
-            store_root=self.store_root, image_layer_dir=self.image_layer_dir,
-            db_url=self.db_url, network_name=self.network_name, dev_root=self.dev_root,
-            nvidia_runtime=self.nvidia_runtime, gpu_sharing=self.gpu_sharing,
-            userns_remap_user=self.userns_remap_user, container_uid=self.container_uid,
-            stop_timeout=self.stop_timeout, capabilities=list(self.capabilities),
-            secrets_root=self.secrets_root, sync_interval_s=self.sync_interval,
-            hub_api=[self._hub_api_endpoint()], cluster_nets=list(self.cluster_networks),
-            allow_nets=list(self.container_allow_networks),
-        )
+        return self.node_config(hub_api=[self._hub_api_endpoint()])
 
     def _hub_api_endpoint(self) -> str:
         """HOST:PORT of the hub's API as containers reach it (the only hub port they may)."""
@@ -253,7 +122,7 @@ class LabVMSpawner(Spawner):
                 # Only here does the hub load the node engine (and the Docker SDK).
                 from .node.ops import NodeOps
 
-                local = NodeOps(self.node_config())
+                local = NodeOps(self.local_node_config())
             cluster = Cluster(db, self.registry_dir, self.node_key_file, local)
             if local is not None:
                 _start_background_sync(local, self.log)

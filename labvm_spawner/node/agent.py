@@ -26,13 +26,16 @@ from pathlib import Path
 from typing import Any
 
 from tornado import web
+from traitlets import Float, List, TraitError, Unicode
+from traitlets.config import Application
 
 from .. import names
 from ..allocations import GpuUnavailable
 from ..errors import LabVMError
 from . import auth, netpolicy, registry
 from .ops import NodeOps
-from .protocol import NodeConfig, StartRequest
+from .protocol import StartRequest
+from .settings import NodeSettings
 
 log = logging.getLogger("labvm.node")
 KEY = f"({names.KEY})"
@@ -262,57 +265,68 @@ def main(argv: list[str] | None = None) -> None:
         return
     if argv and argv[0] == "serve":
         argv = argv[1:]
-    p = argparse.ArgumentParser(prog="labvm-node serve", description=__doc__.splitlines()[0])
-    p.add_argument("--name", required=True, help="this node's name")
-    p.add_argument("--listen", default="0.0.0.0:8741", help="HOST:PORT to listen on")
-    p.add_argument("--url", required=True, help="https://ADDRESS:PORT the hub reaches us at")
-    p.add_argument("--token-hash-file", required=True,
-                   help="file with the SHA-256 of this node's token (labvm node token-hash)")
-    p.add_argument("--registry-dir", required=True,
-                   help="the shared directory where nodes write their heartbeat records")
-    p.add_argument("--tls-dir", default="", help="certificate directory (<state-dir>/tls)")
-    p.add_argument("--heartbeat", type=float, default=3.0, help="seconds between heartbeats")
-    p.add_argument("--docker-url", default="", help="this node's Docker engine")
-    p.add_argument("--state-dir", default="/var/lib/labvm", help="node-local state directory")
-    p.add_argument("--store-root", default="", help="the layer store (a MooseFS mount)")
-    p.add_argument("--image-layer-dir", default="", help="unpacked image layers")
-    p.add_argument("--publish-ip", default="", help="address Jupyter ports are published on")
-    p.add_argument("--dev-root", default="/dev", help="where /dev/nvidiaN live")
-    p.add_argument("--secrets-root", default="/run/labvm/secrets", help="tmpfs for tokens")
-    p.add_argument("--network", default="labvm", help="Docker network for containers")
-    p.add_argument("--hub-api", action="append", required=True, metavar="IP:PORT",
-                   help="the hub's API as containers reach it: the one address on the "
-                   "cluster's networks they may connect to (repeatable)")
-    p.add_argument("--cluster-net", action="append", default=[], metavar="CIDR",
-                   help="a network of the cluster's own services that containers must not "
-                   "reach, besides this node's own networks (the storage network, say)")
-    p.add_argument("--allow-net", action="append", default=[], metavar="CIDR",
-                   help="a network inside those that containers may reach (a package mirror)")
-    p.add_argument("--allow-image", action="append", default=[], metavar="IMAGE",
-                   help="an image this node may run besides those `labvm image build` made "
-                   "(labvm/user:*); repeat for more")
-    p.add_argument("--sync-interval", type=float, default=10.0,
-                   help="seconds between background syncs of running servers (<= 10 keeps "
-                   "a node's loss to that window)")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if not names.is_node_name(a.name):
-        p.error(f"invalid node name {a.name!r}")
-    if a.sync_interval <= 0:
-        p.error("--sync-interval must be positive")
-    token_hash = Path(a.token_hash_file).read_text().strip()
-    if len(token_hash) != 64:
-        p.error(f"{a.token_hash_file} does not hold a SHA-256 hex digest")
-    cfg = NodeConfig(name=a.name, docker_url=a.docker_url, state_dir=a.state_dir,
-                     store_root=a.store_root, image_layer_dir=a.image_layer_dir,
-                     network_name=a.network, dev_root=a.dev_root, secrets_root=a.secrets_root,
-                     publish_ip=a.publish_ip, sync_interval_s=a.sync_interval,
-                     allowed_images=a.allow_image, hub_api=a.hub_api,
-                     cluster_nets=a.cluster_net, allow_nets=a.allow_net)
-    ops = NodeOps(cfg)
-    asyncio.run(serve(ops, a.listen, a.url, token_hash, a.tls_dir or f"{a.state_dir}/tls",
-                      a.registry_dir, a.heartbeat))
+    agent = NodeAgent()
+    try:
+        agent.initialize(argv)
+        agent.start()
+    except (LabVMError, TraitError) as e:
+        sys.exit(f"labvm-node serve: {e}")
 
+
+class NodeAgent(NodeSettings, Application):
+    """labvm-node serve: run this node's agent (the node settings are ``NodeSettings``)."""
+
+    name = "labvm-node serve"
+    description = "Serve this node's engine to the hub over HTTPS, heartbeat and sync."
+
+    listen = Unicode("0.0.0.0:8741", help="HOST:PORT to listen on.").tag(config=True)
+    url = Unicode("", help="https://ADDRESS:PORT the hub reaches this agent at (the URL it "
+                  "enrolled with).").tag(config=True)
+    token_hash_file = Unicode("", help="File with the SHA-256 of this node's token "
+                              "(written by labvm-node join).").tag(config=True)
+    registry_dir = Unicode("", help="The shared directory where nodes write their heartbeat "
+                           "records.").tag(config=True)
+    tls_dir = Unicode("", help="Certificate directory (default <state_dir>/tls).").tag(
+        config=True)
+    heartbeat = Float(3.0, help="Seconds between heartbeats.").tag(config=True)
+    hub_api = List(Unicode(), help="The hub's API as containers reach it (IP:PORT): the one "
+                   "address on the cluster's networks they may connect to.").tag(config=True)
+
+    aliases = {
+        "name": "NodeAgent.node_name", "listen": "NodeAgent.listen", "url": "NodeAgent.url",
+        "token-hash-file": "NodeAgent.token_hash_file",
+        "registry-dir": "NodeAgent.registry_dir", "tls-dir": "NodeAgent.tls_dir",
+        "heartbeat": "NodeAgent.heartbeat", "hub-api": "NodeAgent.hub_api",
+        "docker-url": "NodeAgent.docker_url", "state-dir": "NodeAgent.state_dir",
+        "store-root": "NodeAgent.store_root", "image-layer-dir": "NodeAgent.image_layer_dir",
+        "db-url": "NodeAgent.db_url", "network": "NodeAgent.network_name",
+        "dev-root": "NodeAgent.dev_root", "nvidia-runtime": "NodeAgent.nvidia_runtime",
+        "userns-remap-user": "NodeAgent.userns_remap_user",
+        "container-uid": "NodeAgent.container_uid", "stop-timeout": "NodeAgent.stop_timeout",
+        "capability": "NodeAgent.capabilities", "secrets-root": "NodeAgent.secrets_root",
+        "sync-interval": "NodeAgent.sync_interval",
+        "cluster-net": "NodeAgent.cluster_networks",
+        "allow-net": "NodeAgent.container_allow_networks",
+        "allow-image": "NodeAgent.allowed_images", "publish-ip": "NodeAgent.publish_ip",
+    }
+    flags = {"gpu-sharing": ({"NodeAgent": {"gpu_sharing": True}},
+                             "Allow several users on one GPU.")}
+
+    def start(self) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        given = {"name": self.node_name != "local", "url": self.url,
+                 "token-hash-file": self.token_hash_file, "registry-dir": self.registry_dir,
+                 "hub-api": self.hub_api}
+        missing = [f"--{flag}" for flag, value in given.items() if not value]
+        if missing:
+            raise LabVMError("missing " + ", ".join(missing) + " (see --help)")
+        token_hash = Path(self.token_hash_file).read_text().strip()
+        if len(token_hash) != 64:
+            raise LabVMError(f"{self.token_hash_file} does not hold a SHA-256 hex digest")
+        ops = NodeOps(self.node_config(hub_api=self.hub_api))
+        asyncio.run(serve(ops, self.listen, self.url, token_hash,
+                          self.tls_dir or f"{self.state_dir}/tls", self.registry_dir,
+                          self.heartbeat))
 
 if __name__ == "__main__":
     main()
