@@ -9,7 +9,7 @@ import secrets
 
 import docker
 
-from labvm_spawner.network import ensure_network
+from labvm_spawner.node.network import ensure_network
 
 c = get_config()  # noqa: F821
 state = os.environ.get("LABVM_STATE_DIR", "/var/lib/labvm")

@@ -40,7 +40,7 @@ from helpers import container_of, sh  # noqa: E402
 from hubharness import Hub, node_hub  # noqa: E402
 
 from labvm_spawner import images  # noqa: E402
-from labvm_spawner.overlay import mount_points  # noqa: E402
+from labvm_spawner.node.overlay import mount_points  # noqa: E402
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "12"))
 SECONDS = float(os.environ.get("BENCH_SECONDS", "1.5"))

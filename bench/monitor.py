@@ -35,11 +35,11 @@ sys.path.insert(0, str(REPO))
 import docker  # noqa: E402
 import fake_nvml  # noqa: E402
 
-from labvm_spawner.allocations import GpuAllocator  # noqa: E402
 from labvm_spawner.monitor.collector import Collector  # noqa: E402
 from labvm_spawner.monitor.history import History, RecentSamples  # noqa: E402
 from labvm_spawner.monitor.metrics import exposition  # noqa: E402
-from labvm_spawner.nvml import read_inventory  # noqa: E402
+from labvm_spawner.node.allocations import GpuAllocator  # noqa: E402
+from labvm_spawner.node.nvml import read_inventory  # noqa: E402
 
 CONTAINERS = 30
 INTERVAL_S = 5.0

@@ -30,7 +30,7 @@ import docker  # noqa: E402
 from hubharness import Hub, node_hub  # noqa: E402
 
 from labvm_spawner import images  # noqa: E402
-from labvm_spawner.overlay import mount_points  # noqa: E402
+from labvm_spawner.node.overlay import mount_points  # noqa: E402
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 ROOT = Path(os.environ.get("LABVM_TEST_ROOT", "/var/lib/labvm-test"))

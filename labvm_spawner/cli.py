@@ -21,10 +21,11 @@ def _image_prune(args: argparse.Namespace) -> int:
     import docker
 
     from . import images
+    from .node import rootfs
 
     client = docker.from_env()
     keep = {images.image_id(client, name) for name in args.keep}
-    for tree in images.prune_rootfs(Path(args.state_dir) / "rootfs", keep):
+    for tree in rootfs.prune_rootfs(Path(args.state_dir) / "rootfs", keep):
         print(f"removed {tree}")
     return 0
 

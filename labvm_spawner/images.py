@@ -1,8 +1,9 @@
-"""Building LabVM's images without a registry, and unpacking them as overlay layers.
+"""Building LabVM's images without a registry (``labvm image build``).
 
 No registry is reachable, so the base image is made with ``debootstrap`` and
 ``docker import``. Every image is tagged with a hash of its inputs: a rebuild
-after no change finds the tag and returns in seconds.
+after no change finds the tag and returns in seconds. Unpacking an image as a
+node's overlay layer is ``node/rootfs.py``.
 """
 
 from __future__ import annotations
@@ -13,14 +14,10 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import docker
 import docker.errors
-
-from .rootfs import unpack_shifted
-from .storage.safepath import remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -143,73 +140,3 @@ def build_all(client: docker.DockerClient | None = None) -> str:
 
 def image_id(client: docker.DockerClient, image: str) -> str:
     return client.images.get(image).id.split(":", 1)[-1]
-
-
-def prepare_rootfs(client: docker.DockerClient, image: str, cache_dir: Path,
-                   shift: int) -> Path:
-    """The image's root filesystem unpacked under ``cache_dir``, owners shifted by ``shift``.
-
-    This is the shared bottom layer of every user's overlay. Owners are stored
-    shifted into dockerd's userns-remap range, so the container's root (which is
-    host uid ``shift``) owns what the image's root owned. Unpacked once per
-    image id and shift; a finished tree is marked by renaming it into place.
-    """
-    final = cache_dir / f"{image_id(client, image)[:24]}-{shift}"
-    if final.is_dir():
-        return final
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=cache_dir))
-    container = client.containers.create(image, command=["/bin/true"])
-    try:
-        unpack_shifted(container.export(), partial, shift)
-        try:
-            os.rename(partial, final)
-        except OSError:
-            if not final.is_dir():
-                raise
-            # Another process unpacked the same image meanwhile: use its copy.
-            remove_tree(partial)
-    except BaseException:
-        remove_tree(partial)
-        raise
-    finally:
-        container.remove(force=True)
-    return final
-
-
-def layers_in_use() -> set[str]:
-    """Directories that some overlay mount on this host uses as a lower layer."""
-    used: set[str] = set()
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            _, _, rest = line.partition(" - ")
-            fstype, _, opts = (rest.split(" ", 2) + ["", ""])[:3]
-            if fstype != "overlay":
-                continue
-            for opt in opts.strip().split(","):
-                if opt.startswith("lowerdir="):
-                    used.update(opt[len("lowerdir="):].split(":"))
-    return used
-
-
-def prune_rootfs(cache_dir: Path, keep_ids: set[str], partial_age_s: float = 3600) -> list[Path]:
-    """Delete unpacked image layers that no mount uses and whose image is not kept.
-
-    A tree is named ``<image id prefix>-<shift>``; ``keep_ids`` are full image ids (the
-    images servers start from). Leftovers of an interrupted unpack (``.partial-*``) go
-    once they are older than ``partial_age_s``, so an unpack in progress is never hit.
-    """
-    if not cache_dir.is_dir():
-        return []
-    in_use = layers_in_use()
-    now = time.time()
-    removed = []
-    for tree in sorted(cache_dir.iterdir()):
-        if tree.name.startswith(".partial-"):
-            if now - tree.stat().st_mtime < partial_age_s:
-                continue
-        elif str(tree) in in_use or any(i.startswith(tree.name.split("-")[0]) for i in keep_ids):
-            continue
-        remove_tree(tree)
-        removed.append(tree)
-    return removed

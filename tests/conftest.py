@@ -56,7 +56,7 @@ def chp() -> str:
 
 
 def _unmount_under(root: Path) -> None:
-    from labvm_spawner.overlay import mount_points
+    from labvm_spawner.node.overlay import mount_points
 
     for mp in sorted(mount_points(), key=len, reverse=True):
         if mp.startswith(str(root) + "/"):

@@ -1,6 +1,6 @@
 """Fake NVML, replacing only the ``pynvml`` functions LabVM calls.
 
-Everything above the pynvml call boundary (``labvm_spawner.nvml`` and the spawner)
+Everything above the pynvml call boundary (``labvm_spawner.node.nvml`` and the spawner)
 runs unchanged. Data comes from a JSON fixture shaped like a real server
 (``tests/fixtures/nvml_*.json``).
 

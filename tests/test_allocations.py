@@ -9,9 +9,9 @@ import pytest
 from sqlalchemy import event, insert
 from sqlalchemy.exc import IntegrityError
 
-from labvm_spawner.allocations import GpuAllocation, GpuAllocator, GpuUnavailable
 from labvm_spawner.errors import LabVMError
-from labvm_spawner.nvml import Gpu, read_inventory
+from labvm_spawner.node.allocations import GpuAllocation, GpuAllocator, GpuUnavailable
+from labvm_spawner.node.nvml import Gpu, read_inventory
 
 A100 = "NVIDIA A100-SXM4-80GB"
 MIXED = Path(__file__).parent / "fixtures" / "nvml_mixed_a100_a6000.json"

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from labvm_spawner import containerspec
-from labvm_spawner.nvml import Gpu
+from labvm_spawner.node import containerspec
+from labvm_spawner.node.nvml import Gpu
 from labvm_spawner.policy import Limits
 
 GPUS = [Gpu(index=2, minor=2, uuid="GPU-aaa", name="A100", memory_total=1),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import require
 
-from labvm_spawner.images import layers_in_use, prune_rootfs
+from labvm_spawner.node.rootfs import layers_in_use, prune_rootfs
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from pathlib import Path
 import fake_nvml
 import pytest
 
-from labvm_spawner.allocations import GpuAllocator
 from labvm_spawner.monitor import procfs
 from labvm_spawner.monitor.cgroups import CgroupReader
 from labvm_spawner.monitor.collector import (
@@ -22,7 +21,8 @@ from labvm_spawner.monitor.collector import (
 from labvm_spawner.monitor.history import History, RecentSamples
 from labvm_spawner.monitor.metrics import exposition
 from labvm_spawner.monitor.reclaim import IdleReclaim
-from labvm_spawner.nvml import read_inventory
+from labvm_spawner.node.allocations import GpuAllocator
+from labvm_spawner.node.nvml import read_inventory
 
 IDS = {"alice": "a" * 64, "bob.train": "b" * 64}
 

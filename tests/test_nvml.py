@@ -11,8 +11,8 @@ import pynvml
 import pytest
 from fake_devices import make_fake_dev
 
-from labvm_spawner import nvml
-from labvm_spawner.nvml import Gpu, NvmlError, device_paths, read_inventory
+from labvm_spawner.node import nvml
+from labvm_spawner.node.nvml import Gpu, NvmlError, device_paths, read_inventory
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -75,10 +75,10 @@ def test_mixed_inventory_keeps_minor_separate_from_index(monkeypatch):
 
 def test_no_driver_gives_no_gpus_and_logs_once(monkeypatch, caplog):
     fake_nvml.install(FIXTURES / "nvml_no_driver.json", monkeypatch=monkeypatch)
-    with caplog.at_level(logging.INFO, logger="labvm_spawner.nvml"):
+    with caplog.at_level(logging.INFO, logger="labvm_spawner.node.nvml"):
         assert read_inventory() == []
         assert read_inventory() == []
-    msgs = [r for r in caplog.records if r.name == "labvm_spawner.nvml"]
+    msgs = [r for r in caplog.records if r.name == "labvm_spawner.node.nvml"]
     assert len(msgs) == 1
     assert msgs[0].levelno == logging.INFO
     assert "No NVIDIA driver" in msgs[0].getMessage()
@@ -169,7 +169,7 @@ def test_install_in_place_from_another_process(tmp_path):
     script = (
         "import json, fake_nvml\n"
         "fake_nvml.install()\n"
-        "from labvm_spawner.nvml import read_inventory\n"
+        "from labvm_spawner.node.nvml import read_inventory\n"
         "print(json.dumps([[g.index, g.minor, g.name] for g in read_inventory()]))\n"
     )
     env = dict(os.environ, LABVM_FAKE_NVML=str(MIXED))

@@ -283,7 +283,7 @@ class Testbed:
                 c.remove(force=True)
         except docker.errors.DockerException:
             pass
-        from labvm_spawner.overlay import mount_points
+        from labvm_spawner.node.overlay import mount_points
 
         state = self.state(n)
         for mp in sorted(mount_points(), key=len, reverse=True):

@@ -18,7 +18,7 @@ import docker
 from traitlets import Float, Unicode
 from traitlets.config import LoggingConfigurable
 
-from ..allocations import GpuAllocator
+from ..node.allocations import GpuAllocator
 from . import procfs
 from .cgroups import CgroupReader, CgroupReading
 from .gpus import GpuSampler

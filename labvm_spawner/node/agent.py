@@ -30,9 +30,9 @@ from traitlets import Float, List, TraitError, Unicode
 from traitlets.config import Application
 
 from .. import names
-from ..allocations import GpuUnavailable
 from ..errors import LabVMError
 from . import auth, netpolicy, registry
+from .allocations import GpuUnavailable
 from .ops import NodeOps
 from .protocol import StartRequest
 from .settings import NodeSettings

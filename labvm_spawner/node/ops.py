@@ -23,18 +23,18 @@ from pathlib import Path
 import docker
 import docker.errors
 
-from .. import containerspec, nvml, overlay
-from ..allocations import GpuAllocator
 from ..errors import LabVMError
-from ..images import USER_IMAGE, prepare_rootfs
-from ..network import ensure_network
+from ..images import USER_IMAGE
 from ..storage import open_store
 from ..storage.crash import crashpoint
 from ..storage.safepath import remove_tree
 from ..storage.sync import UpperSync
-from ..userns import remap_base, require_userns
-from . import netpolicy
+from . import containerspec, netpolicy, nvml, overlay
+from .allocations import GpuAllocator
+from .network import ensure_network
 from .protocol import SERVER_PORT, Emit, Limits, NodeConfig, StartRequest
+from .rootfs import prepare_rootfs
+from .userns import remap_base, require_userns
 
 log = logging.getLogger("labvm.node")
 

@@ -23,7 +23,7 @@ def sh(container, script: str, root: bool = False) -> tuple[int, str]:
 
 
 def mounts_under(path: Path) -> list[str]:
-    from labvm_spawner.overlay import mount_points
+    from labvm_spawner.node.overlay import mount_points
 
     return sorted(m for m in mount_points() if m.startswith(str(path)))
 

@@ -10,7 +10,7 @@ import pytest
 from helpers import container_of, sh, state_dir
 from storage import treeops  # snapshots that never follow a symlink
 
-from labvm_spawner.userns import remap_base
+from labvm_spawner.node.userns import remap_base
 
 pytestmark = pytest.mark.e2e
 

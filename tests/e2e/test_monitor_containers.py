@@ -10,9 +10,9 @@ import uuid
 import fake_nvml
 import pytest
 
-from labvm_spawner.allocations import GpuAllocator
 from labvm_spawner.monitor.collector import Collector
-from labvm_spawner.nvml import read_inventory
+from labvm_spawner.node.allocations import GpuAllocator
+from labvm_spawner.node.nvml import read_inventory
 
 pytestmark = pytest.mark.e2e
 

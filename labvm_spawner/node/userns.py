@@ -6,7 +6,7 @@ from pathlib import Path
 
 import docker
 
-from .errors import LabVMError
+from ..errors import LabVMError
 
 
 def remap_base(user: str = "dockremap", subuid: Path = Path("/etc/subuid")) -> int:

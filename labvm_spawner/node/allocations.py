@@ -32,10 +32,10 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from .errors import LabVMError
-from .node.protocol import are_free as _are_free
-from .node.protocol import gpus_phrase as _gpus
+from ..errors import LabVMError
 from .nvml import Gpu
+from .protocol import are_free as _are_free
+from .protocol import gpus_phrase as _gpus
 
 BUSY_TIMEOUT_S = 30
 

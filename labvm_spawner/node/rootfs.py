@@ -1,4 +1,7 @@
-"""Unpacking an image's root filesystem as the shared bottom layer of every overlay root.
+"""An image's root filesystem as the shared bottom layer of every overlay root on a node.
+
+``prepare_rootfs`` unpacks it once per image; ``prune_rootfs`` deletes unpacked trees
+no root uses (``labvm image prune``).
 
 The archive (``docker export`` of a container made from the image) is unpacked here,
 in this process, through ``storage.safepath``: every member's directory is reached
@@ -13,12 +16,17 @@ from __future__ import annotations
 import os
 import stat
 import tarfile
+import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import LabVMError
-from .storage import fsops, safepath
-from .storage.safepath import Parts
+import docker
+
+from ..errors import LabVMError
+from ..images import image_id
+from ..storage import fsops, safepath
+from ..storage.safepath import Parts, remove_tree
 
 _XATTR = "SCHILY.xattr."
 _TYPES = {tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK,
@@ -192,3 +200,73 @@ class _ChunkReader:
         else:
             out, self._buf = self._buf[:n], self._buf[n:]
         return out
+
+
+def prepare_rootfs(client: docker.DockerClient, image: str, cache_dir: Path,
+                   shift: int) -> Path:
+    """The image's root filesystem unpacked under ``cache_dir``, owners shifted by ``shift``.
+
+    This is the shared bottom layer of every user's overlay. Owners are stored
+    shifted into dockerd's userns-remap range, so the container's root (which is
+    host uid ``shift``) owns what the image's root owned. Unpacked once per
+    image id and shift; a finished tree is marked by renaming it into place.
+    """
+    final = cache_dir / f"{image_id(client, image)[:24]}-{shift}"
+    if final.is_dir():
+        return final
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=cache_dir))
+    container = client.containers.create(image, command=["/bin/true"])
+    try:
+        unpack_shifted(container.export(), partial, shift)
+        try:
+            os.rename(partial, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            # Another process unpacked the same image meanwhile: use its copy.
+            remove_tree(partial)
+    except BaseException:
+        remove_tree(partial)
+        raise
+    finally:
+        container.remove(force=True)
+    return final
+
+
+def layers_in_use() -> set[str]:
+    """Directories that some overlay mount on this host uses as a lower layer."""
+    used: set[str] = set()
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            _, _, rest = line.partition(" - ")
+            fstype, _, opts = (rest.split(" ", 2) + ["", ""])[:3]
+            if fstype != "overlay":
+                continue
+            for opt in opts.strip().split(","):
+                if opt.startswith("lowerdir="):
+                    used.update(opt[len("lowerdir="):].split(":"))
+    return used
+
+
+def prune_rootfs(cache_dir: Path, keep_ids: set[str], partial_age_s: float = 3600) -> list[Path]:
+    """Delete unpacked image layers that no mount uses and whose image is not kept.
+
+    A tree is named ``<image id prefix>-<shift>``; ``keep_ids`` are full image ids (the
+    images servers start from). Leftovers of an interrupted unpack (``.partial-*``) go
+    once they are older than ``partial_age_s``, so an unpack in progress is never hit.
+    """
+    if not cache_dir.is_dir():
+        return []
+    in_use = layers_in_use()
+    now = time.time()
+    removed = []
+    for tree in sorted(cache_dir.iterdir()):
+        if tree.name.startswith(".partial-"):
+            if now - tree.stat().st_mtime < partial_age_s:
+                continue
+        elif str(tree) in in_use or any(i.startswith(tree.name.split("-")[0]) for i in keep_ids):
+            continue
+        remove_tree(tree)
+        removed.append(tree)
+    return removed

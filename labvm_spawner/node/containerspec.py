@@ -12,8 +12,8 @@ from pathlib import Path
 
 from docker.types import DeviceRequest
 
-from .node.protocol import CAPABILITIES, SERVER_PORT, Limits
 from .nvml import Gpu
+from .protocol import CAPABILITIES, SERVER_PORT, Limits
 
 # Not part of the persistent root: fresh for every start.
 EPHEMERAL = frozenset({"tmp", "proc", "sys", "dev", "run"})

@@ -13,7 +13,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import LabVMError
+from ..errors import LabVMError
 
 MOUNT_OPTIONS = "redirect_dir=off,metacopy=off,index=off,xino=off"
 
