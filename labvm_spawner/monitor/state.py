@@ -3,9 +3,7 @@ GPU allocations, the layer store and the cluster's records. Plain dicts, ready f
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from ..cluster import NodeView
@@ -22,21 +20,8 @@ def _keys_of(user: dict[str, Any], known_keys: list[str]) -> list[str]:
     return sorted(keys)
 
 
-def last_synced(store_root: str, key: str) -> dict[str, Any] | None:
-    """The node's last sync of ``key`` to the store ({"t", "node", "errors"}), None if it
-    never ran. ``errors``: entries that sync could not copy (retried at the next one)."""
-    try:
-        with open(Path(store_root) / key / "synced.json", encoding="utf-8") as f:
-            record = json.load(f)
-        errors = record.get("errors", 0)
-        return {"t": float(record["t"]), "node": str(record.get("node") or ""),
-                "errors": errors if type(errors) is int and errors >= 0 else 0}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
 def _sync_fields(store_root: str, key: str) -> dict[str, Any]:
-    synced = last_synced(store_root, key)
+    synced = open_store(store_root).last_sync(key)
     if synced is None:
         return {"last_sync": "never", "last_synced": None, "last_synced_node": "",
                 "last_sync_errors": 0}

@@ -8,12 +8,10 @@ and take and return plain JSON-able values.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -27,13 +25,15 @@ from ..errors import LabVMError
 from ..images import USER_IMAGE
 from ..storage import open_store
 from ..storage.crash import crashpoint
-from ..storage.safepath import remove_tree
-from ..storage.sync import UpperSync
 from . import containerspec, netpolicy, nvml, overlay
 from .allocations import GpuAllocator
 from .network import ensure_network
 from .protocol import SERVER_PORT, Emit, Limits, NodeConfig, StartRequest
 from .rootfs import prepare_rootfs
+from .secrets import Secrets
+from .syncing import Syncing
+from .upkeep import Upkeep
+from .uppers import Uppers
 from .userns import remap_base, require_userns
 
 log = logging.getLogger("labvm.node")
@@ -57,10 +57,12 @@ class NodeOps:
             d.chmod(0o700)
         url = config.db_url or f"sqlite:///{self.state / 'labvm.sqlite'}"
         self.allocator = GpuAllocator(url, node=config.name, sharing=config.gpu_sharing)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _key_locks only
         self._key_locks: dict[str, threading.Lock] = {}
-        self._syncers: dict[str, UpperSync] = {}
-        self._background: set[str] = set()  # names of upkeep threads running
+        self.uppers = Uppers(self.state, self.store, config.name)
+        self.syncing = Syncing(self.store, self.uppers)
+        self.secrets = Secrets(config.secrets_root)
+        self.upkeep = Upkeep()
         ensure_network(self.client, config.network_name)
         self.policy = netpolicy.node_policy(self.client, config.network_name, config.hub_api,
                                             config.cluster_nets, config.allow_nets)
@@ -83,7 +85,7 @@ class NodeOps:
                 if p.name not in live and overlay.is_mounted(p):
                     log.warning("unmounting the root of %s: no running container", p.name)
                     overlay.unmount_root(self.paths(p.name))
-                    shutil.rmtree(Path(self.config.secrets_root) / p.name, ignore_errors=True)
+                    self.secrets.remove(p.name)
 
     # ---- helpers ---------------------------------------------------------------
 
@@ -96,7 +98,7 @@ class NodeOps:
         return f"labvm-{self.config.name}-{key}"
 
     def paths(self, key: str) -> overlay.RootPaths:
-        return overlay.RootPaths.for_key(self.state, key)
+        return self.uppers.paths(key)
 
     def _container(self, key: str):
         try:
@@ -126,7 +128,7 @@ class NodeOps:
             mem += hc.get("Memory") or 0
             servers[c.labels["labvm.key"]] = {"running": True}
         for key in servers:
-            servers[key]["last_synced"] = self.last_synced(key)
+            servers[key]["last_synced"] = self.syncing.last_synced(key)
         return {
             "name": self.config.name,
             "gpus": [dict(asdict(g), holder=holders.get(g.uuid)) for g in inventory],
@@ -196,18 +198,18 @@ class NodeOps:
                 Path(cfg.image_layer_dir or self.state / "rootfs"), shift,
             )
             self._remove_container(key)
-            took_over = self._own_upper(key, emit)
+            took_over = self.uppers.own(key, emit)
             crashpoint("node.start.owned")
             layers = self.store.layers(key)
 
             emit(50, f"Mounting root filesystem ({len(layers)} stored layer(s))")
             overlay.mount_root(paths, [*layers, image_layer], shift)
             undo.append(lambda: overlay.unmount_root(paths))
-            (paths.upper.parent / "synced-clean").unlink(missing_ok=True)
+            self.uppers.mark_dirty(key)
             crashpoint("node.start.mounted")
 
-            secrets_dir = self._write_secrets(key, shift, req.secrets)
-            undo.append(lambda: shutil.rmtree(secrets_dir, ignore_errors=True))
+            secrets_dir = self.secrets.write(key, shift, req.secrets)
+            undo.append(lambda: self.secrets.remove(key))
 
             emit(70, "Starting container")
             spec = self._server_spec(req, paths, limits, gpus, secrets_dir, engine)
@@ -225,54 +227,13 @@ class NodeOps:
                 except Exception:
                     log.exception("cleanup after a failed start of %s", key)
             raise
-        self._start_syncing(key)
+        self.syncing.start(key)
         if took_over and self.store.pending(key):
             self._merge_later(key)
         else:
-            self._in_background(f"trash-{key}", lambda: self.store.empty_trash(key))
+            self.upkeep.run(f"trash-{key}", lambda: self.store.empty_trash(key))
         return {"ip": ip, "port": port, "container_id": container.id, "node": cfg.name,
                 "gpus": [g.index for g in gpus]}
-
-    def _own_upper(self, key: str, emit: Emit) -> bool:
-        """Reuse this node's upper if it is the live one; else take the key over.
-
-        Returns True when this start took the key over from another node (or from an
-        older generation of this one), with a fresh upper.
-        """
-        paths = self.paths(key)
-        base = paths.upper.parent
-        gen_file = base / "gen"
-        owner = self.store.owner(key)
-        local = _read_int(gen_file)
-        if owner is not None and owner[0] == self.config.name and (
-                local == owner[1] or (local is None and not _has_entries(paths.upper))):
-            gen_file.write_text(f"{owner[1]}\n")
-            return False
-        if owner is None and local is None:
-            # First start under ownership tracking: this node's upper (if any) is live.
-            base.mkdir(parents=True, exist_ok=True)
-            gen_file.write_text(f"{self.store.take_over(key, self.config.name)}\n")
-            return False
-        emit(40, f"Taking over {key}'s root from node {owner[0] if owner else '?'}")
-        self._set_aside(key)
-        gen = self.store.take_over(key, self.config.name)
-        base.mkdir(parents=True, exist_ok=True)
-        gen_file.write_text(f"{gen}\n")
-        return True
-
-    def _set_aside(self, key: str) -> None:
-        """Move a stale upper out of the way: dropped if fully synced, else kept aside."""
-        paths = self.paths(key)
-        base = paths.upper.parent
-        if not base.exists():
-            return
-        if (base / "synced-clean").exists() or not _has_entries(paths.upper):
-            remove_tree(base)  # the upper is the user's tree: never follow its symlinks
-            return
-        aside = self.state / "uppers-aside" / f"{key}-{int(time.time())}"
-        aside.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(base, aside)
-        log.warning("%s: a stale upper with unsynced changes was kept at %s", key, aside)
 
     def _server_spec(self, req: StartRequest, paths, limits, gpus, secrets_dir,
                      engine: dict) -> containerspec.ServerSpec:
@@ -301,20 +262,6 @@ class NodeOps:
             labels={"labvm.node": cfg.name, "labvm.server": req.server},
             publish_ip=cfg.publish_ip or None,
         )
-
-    def _write_secrets(self, key: str, owner: int, secrets: dict[str, str]) -> Path:
-        root = Path(self.config.secrets_root)
-        _ensure_tmpfs(root)
-        d = root / key
-        d.mkdir(mode=0o500, exist_ok=True)
-        env_file = d / "env"
-        body = "".join(f"{k}={_shell_quote(v)}\n" for k, v in secrets.items())
-        fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o400)
-        with os.fdopen(fd, "w") as f:
-            f.write(body)
-        os.chown(env_file, owner, owner)
-        os.chown(d, owner, owner)
-        return d
 
     def _address(self, container) -> tuple[str, int]:
         """Where the hub reaches Jupyter: the published node port, or the bridge IP."""
@@ -370,9 +317,9 @@ class NodeOps:
             running = c.status in ("running", "created", "restarting")
             state = "running" if running else "exited"
             code = None if running else int(c.attrs.get("State", {}).get("ExitCode", 0) or 0)
-        paths = self.paths(key)
-        return {"state": state, "exit_code": code, "last_synced": self.last_synced(key),
-                "synced_clean": (paths.upper.parent / "synced-clean").exists()}
+        return {"state": state, "exit_code": code,
+                "last_synced": self.syncing.last_synced(key),
+                "synced_clean": self.uppers.is_clean(key)}
 
     def stop(self, key: str) -> dict:
         """Stop and remove the container, sync the upper one last time, free everything.
@@ -384,29 +331,26 @@ class NodeOps:
             self._remove_container(key)
             synced = False
             try:
-                synced = self._sync_locked(key, final=True)
+                synced = self.syncing.sync(key, final=True)
             except Exception:
                 log.exception("%s: the final sync failed; the upper stays here", key)
             crashpoint("node.stop.synced")
             paths = self.paths(key)
             overlay.unmount_root(paths)
-            shutil.rmtree(Path(self.config.secrets_root) / key, ignore_errors=True)
+            self.secrets.remove(key)
             released = self.allocator.release(key)
             if released:
                 log.info("released GPU(s) %s of %s", ", ".join(released), key)
-            return {"synced": synced, "last_synced": self.last_synced(key)}
+            return {"synced": synced, "last_synced": self.syncing.last_synced(key)}
 
     def discard(self, key: str) -> dict:
         """Drop this node's copy of a key that another node now owns (after a migration)."""
         with self.key_lock(key):
             if self._container(key) is not None or overlay.is_mounted(self.paths(key).merged):
                 raise LabVMError(f"{key} is still running on node {self.config.name}")
-            owner = self.store.owner(key)
-            if owner is not None and owner[0] == self.config.name:
-                mine = _read_int(self.paths(key).upper.parent / "gen")
-                if mine == owner[1]:
-                    raise LabVMError(f"{key}'s live upper is on node {self.config.name}")
-            self._set_aside(key)
+            if self.uppers.is_live(key):
+                raise LabVMError(f"{key}'s live upper is on node {self.config.name}")
+            self.uppers.set_aside(key)
             return {"discarded": True}
 
     def _remove_container(self, key: str) -> None:
@@ -421,68 +365,12 @@ class NodeOps:
 
     # ---- background sync -----------------------------------------------------------
 
-    def last_synced(self, key: str) -> float | None:
-        try:
-            with open(self.store.key_dir(key) / "synced.json", encoding="utf-8") as f:
-                return float(json.load(f)["t"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    def _start_syncing(self, key: str) -> None:
-        with self._lock:
-            if key not in self._syncers:
-                try:
-                    self._syncers[key] = UpperSync(self.paths(key).upper,
-                                                   self.store.sync_path(key))
-                except OSError:
-                    log.exception("%s: cannot watch the upper; it syncs by full scans", key)
-                    self._syncers[key] = UpperSync(self.paths(key).upper,
-                                                   self.store.sync_path(key), journal=False)
-
     def sync(self, key: str) -> dict:
         """Sync the key's upper to the store now (while it runs, or after it stopped)."""
         crashpoint("node.sync")
         with self.key_lock(key):
-            ok = self._sync_locked(key, final=self._container(key) is None)
-        return {"synced": ok, "last_synced": self.last_synced(key)}
-
-    def _sync_locked(self, key: str, final: bool) -> bool:
-        paths = self.paths(key)
-        if not paths.upper.is_dir():
-            return False
-        owner = self.store.owner(key)
-        mine = _read_int(paths.upper.parent / "gen")
-        if owner is None or owner != (self.config.name, mine):
-            # Another node took this key over: this upper is no longer the live one.
-            self._drop_syncer(key)
-            return False
-        with self._lock:
-            syncer = self._syncers.get(key)
-        registered = syncer is not None
-        if syncer is None:
-            syncer = UpperSync(paths.upper, self.store.sync_path(key), journal=not final)
-            if not final:
-                with self._lock:
-                    self._syncers[key] = syncer
-        t = time.time()
-        stats = syncer.sync()
-        syncer.save_index()
-        _write_json(self.store.key_dir(key) / "synced.json",
-                    {"t": t, "node": self.config.name, "gen": mine, "changed": stats.changed,
-                     "errors": stats.errors})
-        if final:
-            if registered:
-                self._drop_syncer(key)
-            else:
-                syncer.close()
-            (paths.upper.parent / "synced-clean").write_text(f"{t}\n")
-        return True
-
-    def _drop_syncer(self, key: str) -> None:
-        with self._lock:
-            syncer = self._syncers.pop(key, None)
-        if syncer is not None:
-            syncer.close()
+            ok = self.syncing.sync(key, final=self._container(key) is None)
+        return {"synced": ok, "last_synced": self.syncing.last_synced(key)}
 
     def sync_running(self) -> None:
         """One round of background sync over every running server of this node (and a
@@ -505,11 +393,11 @@ class NodeOps:
                     log.warning("%s: now owned by node %s; stopping the stale copy here",
                                 key, owner[0])
                     self._remove_container(key)
-                    self._drop_syncer(key)
+                    self.syncing.drop(key)
                     overlay.unmount_root(self.paths(key))
                     self.allocator.release(key)
                     continue
-                self._sync_locked(key, final=False)
+                self.syncing.sync(key, final=False)
             except Exception:
                 log.exception("%s: background sync failed", key)
             finally:
@@ -522,66 +410,12 @@ class NodeOps:
             made = self.store.merge_pending(key)
             log.info("%s: merged taken-over layers into version(s) %s", key, made)
 
-        self._in_background(f"merge-{key}", merge)
-
-    def _in_background(self, name: str, fn: Callable[[], object]) -> None:
-        """Run store upkeep in a thread, one per name at a time; failures are retried by
-        the next start (the store's state says what is left to do)."""
-        with self._lock:
-            if name in self._background:
-                return
-            self._background.add(name)
-
-        def run() -> None:
-            try:
-                fn()
-            except Exception:
-                log.exception("%s failed; the next start of the server retries it", name)
-            finally:
-                with self._lock:
-                    self._background.discard(name)
-
-        threading.Thread(target=run, name=name, daemon=True).start()
+        self.upkeep.run(f"merge-{key}", merge)
 
     def close(self) -> None:
-        with self._lock:
-            syncers = list(self._syncers.values())
-            self._syncers.clear()
-        for s in syncers:
-            s.close()
+        self.syncing.close()
         self.allocator.close()
         self.client.close()
-
-
-def _has_entries(path: Path) -> bool:
-    try:
-        return any(os.scandir(path))
-    except FileNotFoundError:
-        return False
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
-def _shell_quote(value: str) -> str:
-    return "'" + value.replace("'", "'\"'\"'") + "'"
-
-
-def _ensure_tmpfs(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if not overlay.is_mounted(path):
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0711", "labvm-secrets",
-                        str(path)], check=True)
 
 
 def _block_device(path: Path) -> str | None:

@@ -208,3 +208,11 @@ def overwrite_file(src_dir: int, src_name: str, dst_dir: int, dst_name: str,
         return True
     finally:
         os.close(fd_out)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -9,7 +9,8 @@ Layout under the store root, per key (a validated user or user.server name)::
     <key>/upper-sync/        background copy of the live upper (see sync.py)
     <key>/pending/<S>/       frozen copies of a former node's upper, stacked above current
                              until merged into a version (<S>.merged marks one that is)
-    <key>/owner.json         the node whose upper is live, and its generation
+    <key>/owner.json         the node whose upper is live, and its generation (handover)
+    <key>/synced.json        the last sync of the live upper (record_sync, last_sync)
     <key>/.lock              flock held by every mutating operation
 
 A version becomes visible only by renaming a finished staging directory into
@@ -27,7 +28,7 @@ import fcntl
 import json
 import os
 import stat
-import time
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,8 @@ from ..names import is_key
 from . import safepath
 from .crash import crashpoint
 from .errors import StoreError
+from .fsops import fsync_dir
+from .handover import HandOver
 from .merge import MergeStats, apply_upper, scan_upper
 from .treecopy import copy_tree
 
@@ -56,8 +59,9 @@ class FsckReport:
         return not self.problems
 
 
-class LayerStore:
-    """Numbered, immutable layer versions for each key, with an atomic current pointer."""
+class LayerStore(HandOver):
+    """Numbered, immutable layer versions for each key, with an atomic current pointer;
+    the hand-over between nodes (``handover.HandOver``) and the sync record on top."""
 
     def __init__(self, root: str | os.PathLike[str], keep: int = DEFAULT_KEEP) -> None:
         self.root = Path(root)
@@ -99,6 +103,31 @@ class LayerStore:
     def sync_path(self, key: str) -> Path:
         """Where the background sync keeps the copy of this key's live upper."""
         return self.key_dir(key) / "upper-sync"
+
+    def record_sync(self, key: str, t: float, node: str, gen: int | None, changed: int,
+                    errors: int) -> None:
+        """Note a finished sync of ``key``'s upper (``<key>/synced.json``): when it
+        started, by which node and generation, and how many entries it could not copy."""
+        path = self.key_dir(key) / "synced.json"
+        tmp = path.with_name(f".synced.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps({"t": t, "node": node, "gen": gen, "changed": changed,
+                                   "errors": errors}))
+        os.replace(tmp, path)
+
+    def last_sync(self, key: str) -> dict | None:
+        """The last ``record_sync`` of ``key`` ({"t", "node", "gen", "changed", "errors"}),
+        None if none; every field checked (the store is shared)."""
+        try:
+            with open(self.key_dir(key) / "synced.json", encoding="utf-8") as f:
+                rec = json.load(f)
+            errors = rec.get("errors", 0)
+            gen = rec.get("gen")
+            return {"t": float(rec["t"]), "node": str(rec.get("node") or ""),
+                    "gen": gen if type(gen) is int else None,
+                    "changed": int(rec.get("changed") or 0),
+                    "errors": errors if type(errors) is int and errors >= 0 else 0}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, StoreError):
+            return None
 
     # ---- locking and recovery ---------------------------------------------------
     @contextlib.contextmanager
@@ -208,7 +237,7 @@ class LayerStore:
             _syncfs(built)  # contents durable before the name makes them visible
             crashpoint("publish.synced")
             os.rename(built, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         crashpoint("publish.renamed")
         self._swap_current(key, n)
         crashpoint("publish.swapped")
@@ -221,7 +250,7 @@ class LayerStore:
         os.symlink(f"versions/{n}", tmp_link)
         crashpoint("publish.link_created")
         os.replace(tmp_link, kdir / "current")
-        _fsync_dir(kdir)
+        fsync_dir(kdir)
 
     def _delete_version(self, key: str, n: int) -> None:
         """Move the version out of versions/ first, so a crash never leaves half of one there."""
@@ -274,103 +303,6 @@ class LayerStore:
             crashpoint("commit.pruned")
         return n, stats
 
-    # ---- ownership and stacked layers ----------------------------------------------
-    # One node at a time owns a key's live upper and syncs it to upper-sync/. A node
-    # that takes a key over (a migration, or an evacuation from a dead node) freezes
-    # the last synced copy into pending/, mounts it above the current version, and
-    # merges it into a new version later, off the critical path. Applying an upper
-    # twice gives what applying it once gives, so a crash between a merge and its
-    # marker costs a repeated merge, never data.
-
-    def owner(self, key: str) -> tuple[str, int] | None:
-        """(node, generation) of the key's live upper, or None if no node ever took it."""
-        try:
-            with open(self.key_dir(key) / "owner.json", encoding="utf-8") as f:
-                data = json.load(f)
-            return str(data["node"]), int(data["gen"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    def take_over(self, key: str, node: str) -> int:
-        """Make ``node`` the owner under a new generation; freeze what was synced so far."""
-        with self.locked(key):
-            kdir = self.key_dir(key)
-            old = self.owner(key)
-            gen = (old[1] if old else 0) + 1
-            sync_dir = self.sync_path(key)
-            if sync_dir.is_dir():
-                if any(sync_dir.iterdir()):
-                    pdir = kdir / "pending"
-                    pdir.mkdir(exist_ok=True)
-                    seq = max((int(p.name) for p in pdir.iterdir() if p.name.isdigit()),
-                              default=0) + 1
-                    os.rename(sync_dir, pdir / str(seq))
-                    _fsync_dir(pdir)
-                    crashpoint("takeover.frozen")
-                else:
-                    sync_dir.rmdir()
-            index = Path(f"{sync_dir}.index")
-            index.unlink(missing_ok=True)
-            tmp = kdir / f".owner.{gen}.tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({"node": node, "gen": gen, "since": time.time()}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, kdir / "owner.json")
-            _fsync_dir(kdir)
-            crashpoint("takeover.owned")
-            return gen
-
-    def pending(self, key: str, merged: bool = False) -> list[int]:
-        """Frozen layers of ``key`` not yet merged (or, with ``merged``, those merged)."""
-        pdir = self.key_dir(key) / "pending"
-        if not pdir.is_dir():
-            return []
-        seqs = sorted(int(p.name) for p in pdir.iterdir() if p.name.isdigit() and p.is_dir())
-        return [s for s in seqs if (pdir / f"{s}.merged").exists() == merged]
-
-    def layers(self, key: str) -> list[Path]:
-        """The stored layers of the key's root, top first: unmerged pending, then current.
-
-        Call this only right before mounting the key's root (no other mount of it may
-        exist): pending layers already merged into a version are deleted here.
-        """
-        pdir = self.key_dir(key) / "pending"
-        for s in self.pending(key, merged=True):
-            # Only a rename here: deleting a big layer on MooseFS takes minutes, which a
-            # start must not wait for (empty_trash does it afterwards).
-            with self.locked(key):
-                trash = self.key_dir(key) / ".trash"
-                trash.mkdir(exist_ok=True)
-                os.rename(pdir / str(s), trash / f"pending-{s}.{time.time_ns()}")
-                (pdir / f"{s}.merged").unlink(missing_ok=True)
-        current = self.current_path(key)
-        return [pdir / str(s) for s in reversed(self.pending(key))] + [current]
-
-    def empty_trash(self, key: str) -> None:
-        """Delete what was moved to the trash (merged pending layers, pruned versions)."""
-        # Unlocked on purpose: holding the key's lock for minutes would stall a take-over.
-        # A recovery deleting the same entry meanwhile is harmless; what is left over is
-        # deleted by the next call (or fsck).
-        trash = self.key_dir(key) / ".trash"
-        if trash.is_dir():
-            for p in list(trash.iterdir()):
-                with contextlib.suppress(FileNotFoundError):
-                    safepath.remove_tree(p)
-
-    def merge_pending(self, key: str, workers: int | None = None) -> list[int]:
-        """Merge every unmerged pending layer, oldest first, into new versions."""
-        made: list[int] = []
-        for s in self.pending(key):
-            layer = self.key_dir(key) / "pending" / str(s)
-            n, _ = self.commit(key, layer, workers)
-            crashpoint("pending.committed")
-            marker = layer.parent / f"{s}.merged"
-            marker.write_text(f"{n}\n")
-            _fsync_dir(layer.parent)
-            made.append(n)
-        return made
-
     def restore(self, key: str, n: int) -> int:
         """Make a NEW version whose content is version ``n``; history is never rewritten."""
         with self.locked(key):
@@ -412,14 +344,6 @@ def _sync_temps(sync_dir: Path, remove: bool) -> list[str]:
     finally:
         os.close(fd)
     return found
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
