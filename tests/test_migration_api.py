@@ -17,7 +17,8 @@ from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 
-from labvm_spawner import cli, migrate_cli
+from labvm_spawner import cli
+from labvm_spawner.cli import migrate as migrate_cli
 from labvm_spawner.cluster import Cluster
 from labvm_spawner.migration import MigrationRefused, Migrator
 from labvm_spawner.monitor import handlers

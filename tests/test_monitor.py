@@ -297,7 +297,7 @@ def test_hub_registration_is_one_admin_and_user_service():
 def test_cli_registers_serve_and_sample():
     import argparse
 
-    from labvm_spawner.monitor.cli import register
+    from labvm_spawner.cli.monitor import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="monitor_command", required=True))

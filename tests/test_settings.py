@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from labvm_spawner.node.agent import NodeAgent
+from labvm_spawner.cli.node import NodeAgent
 from labvm_spawner.node.settings import NodeSettings
 from labvm_spawner.spawner import LabVMSpawner
 

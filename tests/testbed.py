@@ -41,7 +41,7 @@ import sys
 sys.path.insert(0, {tests!r})
 import fake_nvml
 fake_nvml.install({fixture!r})
-from labvm_spawner.node.agent import main
+from labvm_spawner.cli.node import main
 main(sys.argv[1:])
 """
 
@@ -264,7 +264,7 @@ class Testbed:
             token_file.write_text(r.stdout.strip() + "\n")
             token_file.chmod(0o600)
             r = _run("nsenter", f"--net=/var/run/netns/labvm-{n}", sys.executable, "-m",
-                     "labvm_spawner.node.agent", "join", "--name", n,
+                     "labvm_spawner.cli.node", "join", "--name", n,
                      "--url", f"https://{NODE_IP[n]}:{AGENT_PORT}", "--hub-url", hub.url,
                      "--token-file", str(token_file),
                      "--token-hash-file", str(self.work / f"{n}.token-hash"),

@@ -464,7 +464,7 @@ def _from_node(n: str, targets: list[str]) -> dict[str, str]:
 
 def _doctor(testbed, n: str) -> subprocess.CompletedProcess:
     return subprocess.run(["nsenter", f"--net=/var/run/netns/labvm-{n}", sys.executable, "-m",
-                           "labvm_spawner.node.agent", "doctor", "--docker-url",
+                           "labvm_spawner.cli.node", "doctor", "--docker-url",
                            testbed.sock(n)], capture_output=True, text=True, timeout=60)
 
 

@@ -13,9 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import MergeRefused, StoreError
-from .merge import check_merge_args, merge_into_new
-from .store import DEFAULT_KEEP, open_store
+from ..storage.errors import MergeRefused, StoreError
+from ..storage.merge import check_merge_args, merge_into_new
+from ..storage.store import DEFAULT_KEEP, open_store
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -135,7 +135,7 @@ def _interrupt(_signum: int, _frame: object) -> None:
 
 
 def _sync(args: argparse.Namespace) -> int:
-    from .sync import UpperSync
+    from ..storage.sync import UpperSync
 
     if args.upper is None:
         state = Path(os.environ.get("LABVM_STATE_DIR", DEFAULT_STATE))

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from .errors import LabVMError
+from ..errors import LabVMError
 
 DEFAULT_DB = "sqlite:////var/lib/labvm/labvm.sqlite"
 
@@ -35,7 +35,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def _cluster(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from .cluster import Cluster
+    from ..cluster import Cluster
 
     return Cluster(args.db_url)
 

@@ -1,14 +1,16 @@
-"""The ``labvm`` command line for admins (and for tests that only know the command line)."""
+"""The command lines: ``labvm`` (this module, for admins), and ``labvm-node`` (``node``).
+
+Each part of ``labvm`` has its module here: ``storage``, ``monitor``, ``migrate``, ``nodes``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 
 def _image_build(args: argparse.Namespace) -> int:
-    from . import images
+    from .. import images
 
     tag = images.build_all()
     print(tag)
@@ -20,8 +22,8 @@ def _image_prune(args: argparse.Namespace) -> int:
 
     import docker
 
-    from . import images
-    from .node import rootfs
+    from .. import images
+    from ..node import rootfs
 
     client = docker.from_env()
     keep = {images.image_id(client, name) for name in args.keep}
@@ -46,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="image whose layer stays (repeatable; default: labvm/user:latest)")
     prune.set_defaults(func=_image_prune)
 
-    from .monitor import cli as monitor_cli
-    from .storage import cli as storage_cli
+    from . import monitor as monitor_cli
+    from . import storage as storage_cli
 
     storage = sub.add_parser("storage", help="the layer store: merge, sync, versions, fsck")
     storage_cli.register(storage.add_subparsers(dest="storage_command", required=True))
@@ -57,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     monitor_cli.register(monitor.add_subparsers(dest="monitor_command", required=True))
     monitor.set_defaults(func=monitor_cli.run)
 
-    from . import migrate_cli, nodes_cli
+    from . import migrate as migrate_cli
+    from . import nodes as nodes_cli
 
     node = sub.add_parser("node", help="enroll (join tokens), list and revoke nodes",
                           description=nodes_cli.__doc__)
@@ -76,6 +79,3 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return args.func(args)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

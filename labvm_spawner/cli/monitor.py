@@ -1,4 +1,4 @@
-"""``labvm monitor ...``: wired into labvm_spawner.cli through ``register``."""
+"""``labvm monitor ...``: the monitoring service and one-off samples."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .service import main
+    from ..monitor.service import main
 
     argv = [f"--{setting}" for setting in args.set or []]
     if args.config:
@@ -18,7 +18,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from .collector import Collector
+    from ..monitor.collector import Collector
 
     c = Collector(node_name=args.node, state_dir=args.state_dir)
     try:
