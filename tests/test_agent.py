@@ -1,0 +1,139 @@
+"""The node agent's HTTP routes (``node.agent.make_app``) against a stub engine: every
+route's token check, and the validation in front of ``NodeOps``. Fast: the real
+tornado app on a free port, no Docker. TLS and the real engine are tested on the
+multi-node test bed."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from tornado.httpclient import AsyncHTTPClient, HTTPResponse
+from tornado.httpserver import HTTPServer
+from tornado.testing import bind_unused_port
+
+from labvm_spawner.errors import LabVMError
+from labvm_spawner.node import auth
+from labvm_spawner.node.agent import make_app
+from labvm_spawner.node.allocations import GpuUnavailable
+
+TOKEN = auth.node_token(b"k" * 32, "n1")
+OTHER = auth.node_token(b"k" * 32, "n2")
+REQUEST = {"key": "alice", "username": "alice", "server": "", "image": "labvm/user:1",
+           "cmd": ["jupyterhub-singleuser"], "env": {}, "secrets": {},
+           "limits": {"cpus": 1, "mem_bytes": 1 << 30, "pids": 100, "blkio_weight": None,
+                      "io_read_bps": None, "io_write_bps": None}}
+
+
+class StubOps:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.fail: Exception | None = None
+
+    def _call(self, *what: object) -> dict:
+        self.calls.append(what)
+        if self.fail:
+            raise self.fail
+        return {"ok": True, "what": what[0]}
+
+    def info(self) -> dict:
+        return self._call("info")
+
+    def status(self, key: str) -> dict:
+        return self._call("status", key)
+
+    def start(self, req) -> dict:  # noqa: ANN001
+        return self._call("start", req.key)
+
+    def stop(self, key: str) -> dict:
+        return self._call("stop", key)
+
+    def sync(self, key: str) -> dict:
+        return self._call("sync", key)
+
+    def discard(self, key: str) -> dict:
+        return self._call("discard", key)
+
+
+@pytest.fixture
+async def agent():
+    ops = StubOps()
+    pool = ThreadPoolExecutor(2)
+    sock, port = bind_unused_port()
+    server = HTTPServer(make_app(ops, auth.token_hash(TOKEN), pool))
+    server.add_sockets([sock])
+    base = f"http://127.0.0.1:{port}"
+
+    async def call(method: str, path: str, body: object = None, token: str | None = TOKEN,
+                   scheme: str = "Bearer") -> HTTPResponse:
+        headers = {"Authorization": f"{scheme} {token}"} if token else {}
+        payload = None if method == "GET" else (
+            body if isinstance(body, bytes) else json.dumps(body if body is not None else {}))
+        return await AsyncHTTPClient().fetch(base + path, method=method, body=payload,
+                                             headers=headers, raise_error=False)
+
+    yield ops, call
+    server.stop()
+    await asyncio.sleep(0)
+    pool.shutdown()
+
+
+ROUTES = [("GET", "/v1/info", "info"), ("GET", "/v1/servers/alice", "status"),
+          ("POST", "/v1/servers/alice/start", "start"), ("POST", "/v1/servers/alice/stop", "stop"),
+          ("POST", "/v1/servers/alice.work/sync", "sync"),
+          ("POST", "/v1/servers/alice/discard", "discard")]
+
+
+@pytest.mark.parametrize("method,path,op", ROUTES)
+async def test_every_route_needs_this_nodes_token(agent, method, path, op) -> None:
+    ops, call = agent
+    for token, scheme in ((None, "Bearer"), ("nope", "Bearer"), (OTHER, "Bearer"),
+                          (TOKEN, "token")):
+        r = await call(method, path, REQUEST, token=token, scheme=scheme)
+        assert r.code == 401, (token, scheme, r.code)
+    assert ops.calls == []
+    r = await call(method, path, REQUEST)
+    assert r.code == 200, r.body
+    assert [c[0] for c in ops.calls] == [op]
+
+
+async def test_start_bodies_are_checked_before_the_engine_sees_them(agent) -> None:
+    ops, call = agent
+    bad = {
+        "not JSON": b"{",
+        "another key": dict(REQUEST, key="bob"),
+        "a user not the key's": dict(REQUEST, username="bob"),
+        "unknown fields": dict(REQUEST, privileged=True),
+        "a bad image": dict(REQUEST, image="x y"),
+        "bad limits": dict(REQUEST, limits=dict(REQUEST["limits"], cpus=-1)),
+        "not an object": ["x"],
+    }
+    for what, body in bad.items():
+        r = await call("POST", "/v1/servers/alice/start", body)
+        assert r.code == 400, (what, r.code, r.body)
+        assert json.loads(r.body)["error"], what
+    assert ops.calls == []
+    assert (await call("POST", "/v1/servers/alice/start", copy.deepcopy(REQUEST))).code == 200
+    assert ops.calls == [("start", "alice")]
+
+
+async def test_keys_that_are_no_keys_never_reach_the_engine(agent) -> None:
+    ops, call = agent
+    for path in ("/v1/servers/Alice", "/v1/servers/..%2fetc/stop", "/v1/servers/a.b.c",
+                 "/v1/servers/alice/rm", "/v1/servers/alice%0a/stop"):
+        r = await call("POST" if path.count("/") > 3 else "GET", path)
+        assert r.code == 404, (path, r.code)
+    assert ops.calls == []
+
+
+async def test_engine_refusals_are_400_and_409_with_their_words(agent) -> None:
+    ops, call = agent
+    ops.fail = LabVMError("the image 'x' is not one node n1 built")
+    r = await call("POST", "/v1/servers/alice/stop")
+    assert r.code == 400 and json.loads(r.body)["error"] == ops.fail.args[0]
+    ops.fail = GpuUnavailable("1 GPU requested but none is free on node n1")
+    r = await call("POST", "/v1/servers/alice/start", REQUEST)
+    assert r.code == 409 and "none is free" in json.loads(r.body)["error"]
