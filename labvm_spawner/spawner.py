@@ -28,7 +28,7 @@ from .cluster import Cluster, NodeView
 from .errors import LabVMError
 from .names import root_key
 from .node.client import NodeUnreachable
-from .node.protocol import SERVER_PORT, NodeConfig, StartRequest
+from .node.protocol import SERVER_PORT, NodeConfig, NodeInfo, StartRequest
 from .node.settings import NodeSettings
 from .placement import choose_node
 from .policy import resolve_policy, validate_config
@@ -237,8 +237,16 @@ class LabVMSpawner(NodeSettings, Spawner):
         self.root_key = key
         cluster = self.cluster
         placed = cluster.placement(key)
-        node_name = choose_node(nodes, key, count, model, limits, sharing, placed=placed,
-                                pinned=cluster.pin(self.user.name))
+        pinned = cluster.pin(self.user.name)
+        try:
+            node_name = choose_node(nodes, key, count, model, limits, sharing, placed=placed,
+                                    pinned=pinned)
+        except LabVMError:
+            # Heartbeats lag a few seconds (GPUs released just now look held): ask the
+            # nodes themselves once before refusing.
+            await self._refresh(nodes)
+            node_name = choose_node(nodes, key, count, model, limits, sharing, placed=placed,
+                                    pinned=pinned)
         moving = cluster.active_migration(key)
         if moving and moving["target"] == node_name:
             self._emit(5, f"Moving your server from node {moving['source']} to node "
@@ -266,6 +274,18 @@ class LabVMSpawner(NodeSettings, Spawner):
             raise LabVMError(f"Node {node_name} did not answer; try again soon. ({e})") from e
         self.container_id = result.container_id
         return (result.ip, result.port)
+
+    async def _refresh(self, nodes: dict[str, NodeView]) -> None:
+        """Replace the heartbeat inventory of every up node by what it says now."""
+
+        async def one(view: NodeView) -> None:
+            try:
+                view.info = NodeInfo.from_json(await self.cluster.client(view.name).info())
+            except LabVMError as e:
+                self.log.warning("node %s did not answer (%s); using its heartbeat",
+                                 view.name, e)
+
+        await asyncio.gather(*(one(v) for v in nodes.values() if v.up))
 
     async def poll(self):
         if self._starting:

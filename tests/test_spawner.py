@@ -34,6 +34,11 @@ class StubNode:
         self.state = "running"
         self.exit_code: int | None = None
         self.fail: Exception | None = None
+        self.live_gpus: list[dict] | None = None  # what info() says now, if not the heartbeat
+
+    async def info(self) -> dict:
+        self.calls.append(("info",))
+        return {"gpus": self.live_gpus or [], "cpus": 8, "mem_bytes": 64 << 30}
 
     async def start(self, req: StartRequest, emit=None) -> StartResult:  # noqa: ANN001
         self.calls.append(("start", req))
@@ -192,6 +197,17 @@ async def test_a_root_stays_on_its_node(world) -> None:
     with pytest.raises(LabVMError, match="on node n9, which is down"):
         await s.start()
     assert world["node"].calls == []
+
+
+async def test_a_lagging_heartbeat_is_checked_with_the_node(world) -> None:
+    # The heartbeat still shows zed's GPU; the node itself knows zed just stopped.
+    world["node"].live_gpus = [{"index": i, "uuid": f"GPU-{i}", "name": A100, "holder": None}
+                               for i in range(2)]
+    s = world["make"](options={"gpus": 1})
+    s.policy = {"cpus": 2, "mem": "4G", "pids": 512, "max_gpus": 2}
+    s.user_options = {"gpus": 2}
+    await s.start()
+    assert [c[0] for c in world["node"].calls] == ["info", "start"]
 
 
 def test_progress_stops_when_start_is_done(world) -> None:
