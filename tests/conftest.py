@@ -17,6 +17,26 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 TEST_ROOT = Path(os.environ.get("LABVM_TEST_ROOT", "/var/lib/labvm-test"))
 
 
+# What a test needs, from the fixtures it uses (transitively); any of them makes it slow.
+_NEEDS = {
+    "needs_root": {"overlay_ok", "fake_gpu_dev"},
+    "needs_docker": {"docker_client", "labvm_image", "hub", "hub_factory", "testbed"},
+    "needs_moosefs": {"moosefs", "mfs_dir", "testbed"},
+}
+
+
+def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if item.path.parent.name == "storage" and item.path.name != "test_safepath.py":
+            item.add_marker("needs_root")  # overlay mounts, also in hypothesis tests
+        for marker, fixtures in _NEEDS.items():
+            if used & fixtures:
+                item.add_marker(marker)
+        if any(item.get_closest_marker(m) for m in (*_NEEDS, "e2e")):
+            item.add_marker("slow")
+
+
 def require(ok: bool, what: str) -> None:
     """Fail (in CI) or skip (elsewhere) when a real component is missing."""
     if ok:

@@ -5,6 +5,8 @@ import pytest
 from conftest import require
 from fake_devices import make_fake_dev
 
+pytestmark = pytest.mark.needs_root
+
 
 @pytest.fixture(autouse=True)
 def _root():

@@ -68,6 +68,7 @@ print(json.dumps({"first": first, "both": both, "back": back, "gone": listing(),
 """
 
 
+@pytest.mark.needs_root
 def test_install_is_idempotent_merges_nodes_and_removes_cleanly(tmp_path: Path) -> None:
     import json
 

@@ -231,7 +231,7 @@ class _Pass:
         tmp = f"{TMP_PREFIX}{secrets.token_hex(6)}"
         group = None
         try:
-            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            if _linked(st):
                 group, copied = self._link_or_copy(u, m, name, parts, st, tmp)
             else:
                 copied = fsops.copy_entry(u, name, m, tmp, st)
@@ -332,7 +332,7 @@ class _Pass:
                 with self.lock:  # new here: what is inside comes with the next pass
                     self.s.retry.add(parts)
             return
-        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+        if _linked(st):
             self.s.links.setdefault(st.st_ino, set()).add(parts)
         if mst is None or self.differs(u, m, name, st, mst, parent.child(name)):
             self.copy(u, m, name, parts, st, parent)
@@ -372,7 +372,7 @@ class _Pass:
                         self.make_dir(mfd, name, present.get(name), here)
                         subdirs.append(name)
                         continue
-                    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                    if _linked(st):
                         self.s.links.setdefault(st.st_ino, set()).add(parts)
                     mst = present.get(name)
                     if mst is None or self.differs(ufd, mfd, name, st, mst, here.child(name)):
@@ -472,6 +472,12 @@ class _Pass:
         finally:
             os.close(u)
             os.close(m)
+
+
+def _linked(st: os.stat_result) -> bool:
+    """A member of a hard link group the copy must keep (of any type but a directory), not
+    one of overlay's whiteouts, which all share one inode and are copied one by one."""
+    return st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode) and not fsops.is_char_whiteout(st)
 
 
 def _replace(dirfd: int, tmp: str, dst: str) -> None:
@@ -593,7 +599,7 @@ class UpperSync:
                             p.subtree(parts, parent)
                         else:
                             metas.add(parts)
-                    elif st is None or (stat.S_ISREG(st.st_mode) and st.st_nlink > 1):
+                    elif st is None or (_linked(st)):
                         p.entry(u, m, parts[-1], parts, parent)  # link groups: in order
                     else:
                         files.append(parts)

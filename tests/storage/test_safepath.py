@@ -127,7 +127,7 @@ def test_only_safepath_resolves_paths_in_user_trees() -> None:
               ("os", "removedirs"), ("os", "makedirs")}
     allowed_makedirs = {"sync.py"}  # the mirror's parent: the store's own key directory
     files = sorted((REPO / "labvm_spawner" / "storage").glob("*.py"))
-    files.append(REPO / "labvm_spawner" / "rootfs.py")
+    files.append(REPO / "labvm_spawner" / "node" / "rootfs.py")
     found = []
     for f in files:
         if f.name == "safepath.py":

@@ -229,3 +229,20 @@ def test_a_journal_past_its_watch_limit_gives_up_and_syncs_rescan(tmp_path: Path
         assert syncer.sync().rescan  # still synced, by rescans
         syncer.close()
     _check(upper, tmp_path / "store" / "upper-sync")
+
+
+def test_hard_linked_symlinks_stay_one_inode(tmp_path: Path, overlay_ok: None) -> None:
+    # Found by test_sync_matches_upper: only regular files kept their link groups.
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    lower.mkdir()
+    with treeops.overlay(lower, upper, tmp_path / "work", tmp_path / "m") as mnt:
+        for o in [("write", "a", b""), ("symlink", "a", "c"), ("link", "c", "b"),
+                  ("mkfifo", "f"), ("link", "f", "g")]:
+            treeops.apply_op(mnt, o)
+        for journal in (False, True):
+            mirror = tmp_path / f"store-{journal}" / "upper-sync"
+            mirror.parent.mkdir()
+            syncer = UpperSync(upper, mirror, journal=journal)
+            syncer.sync()
+            syncer.close()
+            _check(upper, mirror)
