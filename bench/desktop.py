@@ -31,13 +31,13 @@ import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "e2e")]
+sys.path.insert(0, str(REPO / "tests"))
 
 import docker  # noqa: E402
-from desktop_helpers import connect_chain, connect_direct, wait_for, x_run  # noqa: E402
-from desktop_rfb import RfbClient, Stats  # noqa: E402
-from helpers import container_of, sh  # noqa: E402
-from hubharness import Hub, node_hub  # noqa: E402
+from support.desktop_helpers import connect_chain, connect_direct, wait_for, x_run  # noqa: E402
+from support.desktop_rfb import RfbClient, Stats  # noqa: E402
+from support.helpers import container_of, sh  # noqa: E402
+from support.hubharness import Hub, node_hub  # noqa: E402
 
 from labvm_spawner import images  # noqa: E402
 from labvm_spawner.node.overlay import mount_points  # noqa: E402

@@ -1,6 +1,6 @@
 """Migration downtime against a plain stop-and-start of the same server, alternating.
 
-The real two-node test bed (tests/testbed.py: nodes in their own namespaces with
+The real two-node test bed (tests/support/testbed.py: nodes in their own namespaces with
 their own dockerd and labvm-node agent, the store on MooseFS) and a real hub. Each
 round first fills the running server's upper with 50,000 new files (1 GB) and lets
 the background sync catch up; then, in an order that flips every round:
@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import docker  # noqa: E402
 import requests  # noqa: E402
 from _common import env_int, median  # noqa: E402
-from testbed import Testbed  # noqa: E402
+from support.testbed import Testbed  # noqa: E402
 
 from labvm_spawner import images  # noqa: E402
 from labvm_spawner.storage import open_store  # noqa: E402

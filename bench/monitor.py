@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
 import docker  # noqa: E402
-import fake_nvml  # noqa: E402
+from support import fake_nvml  # noqa: E402
 
 from labvm_spawner.monitor.collector import Collector  # noqa: E402
 from labvm_spawner.monitor.history import History, RecentSamples  # noqa: E402

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 import docker  # noqa: E402
-from hubharness import Hub, node_hub  # noqa: E402
+from support.hubharness import Hub, node_hub  # noqa: E402
 
 from labvm_spawner import images  # noqa: E402
 from labvm_spawner.node.overlay import mount_points  # noqa: E402

@@ -9,13 +9,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-MOOSEFS_SH = REPO / "scripts" / "moosefs.sh"
-MFS_STATE = Path(os.environ.get("LABVM_MFS_DIR", "/var/lib/labvm/mfs-test"))
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-TEST_ROOT = Path(os.environ.get("LABVM_TEST_ROOT", "/var/lib/labvm-test"))
-
+from support.components import IN_CI, MFS_STATE, MOOSEFS_SH, REPO, TEST_ROOT, require  # noqa: F401
 
 # What a test needs, from the fixtures it uses (transitively); any of them makes it slow.
 _NEEDS = {
@@ -35,15 +29,6 @@ def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001
                 item.add_marker(marker)
         if any(item.get_closest_marker(m) for m in (*_NEEDS, "e2e")):
             item.add_marker("slow")
-
-
-def require(ok: bool, what: str) -> None:
-    """Fail (in CI) or skip (elsewhere) when a real component is missing."""
-    if ok:
-        return
-    if IN_CI:
-        pytest.fail(f"required component missing: {what} (run scripts/setup.sh --test)")
-    pytest.skip(f"component missing: {what}")
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +76,7 @@ def fake_gpu_dev():
     device into the container from the same path on the host. Test sessions
     running side by side share them; the last one to finish removes them.
     """
-    from fake_devices import CONTROL, make_fake_dev
+    from support.fake_devices import CONTROL, make_fake_dev
 
     dev = Path("/dev")
     users = dev / ".labvm-fake-gpus.d"
@@ -114,7 +99,7 @@ def fake_gpu_dev():
 @pytest.fixture
 def hub_factory(docker_client, labvm_image, chp, fake_gpu_dev):
     """Make hubs on a fresh node state; everything they made is removed afterwards."""
-    from hubharness import node_hub
+    from support.hubharness import node_hub
 
     made: list[tuple] = []
 

@@ -1,7 +1,7 @@
 """JupyterHub config for the end-to-end tests: the repo's own config, test knobs on top.
 
 Everything test-specific comes from the environment the harness sets
-(``tests/hubharness.py``). NVML is faked at the pynvml call boundary only.
+(``tests/support/hubharness.py``). NVML is faked at the pynvml call boundary only.
 """
 
 import os
@@ -14,7 +14,7 @@ sys.path.insert(0, str(here))
 # The repo's own configuration first, exactly as an admin would run it.
 load_subconfig(str(here.parent / "jupyterhub_config.py"))  # noqa: F821
 
-import fake_nvml  # noqa: E402
+from support import fake_nvml  # noqa: E402
 
 fake_nvml.install(os.environ.get("LABVM_FAKE_NVML") or None)
 
@@ -61,7 +61,7 @@ c.Spawner.pre_spawn_hook = _break_one_user
 # POST .../server answers at once (202), so tests can watch the progress events.
 c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 0}
 
-# ---- multi-node test bed (tests/testbed.py): no node in the hub, nodes a and b ----
+# ---- multi-node test bed (tests/support/testbed.py): no node in the hub, nodes a and b ----
 if os.environ.get("LABVM_TEST_TESTBED") == "1":
     c.LabVMSpawner.local_node = False
     c.LabVMSpawner.registry_dir = os.environ["LABVM_TEST_REGISTRY"]
@@ -83,7 +83,8 @@ if os.environ.get("LABVM_TEST_MONITOR") == "1":
     _monitor_shim = f"""
 import json, os, sys
 sys.path.insert(0, {str(here)!r})
-import fake_nvml, pynvml
+from support import fake_nvml
+import pynvml
 fake = fake_nvml.install()
 listing = pynvml.nvmlDeviceGetComputeRunningProcesses
 def processes(handle):

@@ -4,10 +4,10 @@ import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import fake_nvml
 import pytest
 from sqlalchemy import event, insert
 from sqlalchemy.exc import IntegrityError
+from support import fake_nvml
 
 from labvm_spawner.errors import LabVMError
 from labvm_spawner.node.allocations import GpuAllocation, GpuAllocator, GpuUnavailable

@@ -10,8 +10,8 @@ import json
 import time
 from pathlib import Path
 
-import enrolled_nodes
 import pytest
+from support import enrolled_nodes
 from tornado.httpclient import AsyncHTTPClient
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port

@@ -2,8 +2,8 @@ import os
 import stat
 
 import pytest
-from conftest import require
-from fake_devices import make_fake_dev
+from support.components import require
+from support.fake_devices import make_fake_dev
 
 pytestmark = pytest.mark.needs_root
 

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import require
+from support.components import require
 
 from labvm_spawner.node.rootfs import layers_in_use, prune_rootfs
 

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import enrolled_nodes
 import pytest
+from support import enrolled_nodes
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port

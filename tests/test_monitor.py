@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import fake_nvml
 import pytest
+from support import fake_nvml
 
 from labvm_spawner.monitor import procfs
 from labvm_spawner.monitor.cgroups import CgroupReader

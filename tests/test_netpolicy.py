@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import require
+from support.components import require
 
 from labvm_spawner.node.netpolicy import FWD, IN, Policy
 

@@ -6,10 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import fake_nvml
 import pynvml
 import pytest
-from fake_devices import make_fake_dev
+from support import fake_nvml
+from support.fake_devices import make_fake_dev
 
 from labvm_spawner.node import nvml
 from labvm_spawner.node.nvml import Gpu, NvmlError, device_paths, read_inventory
@@ -167,7 +167,7 @@ def test_monitoring_values_move_over_time(monkeypatch):
 def test_install_in_place_from_another_process(tmp_path):
     # As a jupyterhub_config.py would: no monkeypatch, fixture from $LABVM_FAKE_NVML.
     script = (
-        "import json, fake_nvml\n"
+        "import json\nfrom support import fake_nvml\n"
         "fake_nvml.install()\n"
         "from labvm_spawner.node.nvml import read_inventory\n"
         "print(json.dumps([[g.index, g.minor, g.name] for g in read_inventory()]))\n"

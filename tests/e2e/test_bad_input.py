@@ -3,8 +3,8 @@
 from urllib.parse import quote
 
 import pytest
-from helpers import container_of, mounts_under, state_dir
-from hubharness import HubError
+from support.helpers import container_of, mounts_under, state_dir
+from support.hubharness import HubError
 
 pytestmark = pytest.mark.e2e
 

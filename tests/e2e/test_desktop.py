@@ -14,8 +14,10 @@ import time
 
 import pytest
 import requests
-from conftest import require
-from desktop_helpers import (
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
+from playwright.sync_api import sync_playwright
+from support.components import require
+from support.desktop_helpers import (
     CHROMIUM,
     CHROMIUM_ARGS,
     DESKTOP_DIR,
@@ -28,10 +30,8 @@ from desktop_helpers import (
     ws_url,
     x_run,
 )
-from desktop_rfb import RfbClient
-from helpers import container_of, sh
-from playwright.sync_api import TimeoutError as PlaywrightTimeout
-from playwright.sync_api import sync_playwright
+from support.desktop_rfb import RfbClient
+from support.helpers import container_of, sh
 
 pytestmark = pytest.mark.e2e
 PORT = 20000

@@ -3,8 +3,8 @@
 import time
 
 import pytest
-from helpers import FIXTURES, container_of, fixture_uuids, mounts_under, sh, state_dir
-from hubharness import HubError
+from support.helpers import FIXTURES, container_of, fixture_uuids, mounts_under, sh, state_dir
+from support.hubharness import HubError
 
 pytestmark = pytest.mark.e2e
 

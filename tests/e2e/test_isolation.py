@@ -5,10 +5,10 @@ import os
 import time
 from pathlib import Path
 
-import jupyter_exec
 import pytest
-from helpers import container_of, sh, state_dir
 from storage import treeops  # snapshots that never follow a symlink
+from support import jupyter_exec
+from support.helpers import container_of, sh, state_dir
 
 from labvm_spawner.node.userns import remap_base
 

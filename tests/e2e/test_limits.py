@@ -3,7 +3,7 @@
 import re
 
 import pytest
-from helpers import container_of, sh
+from support.helpers import container_of, sh
 
 pytestmark = pytest.mark.e2e
 

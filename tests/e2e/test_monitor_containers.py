@@ -7,8 +7,8 @@ import os
 import time
 import uuid
 
-import fake_nvml
 import pytest
+from support import fake_nvml
 
 from labvm_spawner.monitor.collector import Collector
 from labvm_spawner.node.allocations import GpuAllocator

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import require
-from helpers import container_of, fixture_uuids, sh, state_dir
-from hubharness import HubError
+from support.components import require
+from support.helpers import container_of, fixture_uuids, sh, state_dir
+from support.hubharness import HubError
 
 from labvm_spawner.storage import open_store
 

@@ -1,6 +1,6 @@
 """Two nodes, one hub: placement, background sync, migration, evacuation, faults.
 
-The real test bed (``tests/testbed.py``): nodes a and b in their own network
+The real test bed (``tests/support/testbed.py``): nodes a and b in their own network
 namespaces with their own dockerd and labvm-node agent, the layer store on MooseFS,
 the hub in the root namespace. Everything a user checks is checked through the
 hub: Jupyter kernels in their server, the admin service's REST API and pages.
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import TEST_ROOT
-from jupyter_exec import run
+from support.components import TEST_ROOT
+from support.jupyter_exec import run
 
 pytestmark = pytest.mark.e2e
 
@@ -29,7 +29,7 @@ ADMIN = "/services/labvm-monitor/"
 
 @pytest.fixture(scope="module")
 def testbed(moosefs, labvm_image, fake_gpu_dev, chp, docker_client):
-    from testbed import Testbed
+    from support.testbed import Testbed
 
     tb = Testbed(moosefs, labvm_image, TEST_ROOT / f"testbed-{int(time.time())}", hub_port=PORT)
     try:
@@ -375,7 +375,7 @@ def test_admin_pages_are_admin_only(testbed, hub):
 
 
 def test_agents_refuse_requests_without_their_token(testbed, hub):
-    from testbed import AGENT_PORT, NODE_IP
+    from support.testbed import AGENT_PORT, NODE_IP
 
     from labvm_spawner.node import auth
 
@@ -469,7 +469,7 @@ def _doctor(testbed, n: str) -> subprocess.CompletedProcess:
 
 
 def test_containers_reach_only_the_hub_api_and_the_outside(testbed, hub):
-    from testbed import AGENT_PORT, HUB_IP, MFS_MASTER, NODE_IP
+    from support.testbed import AGENT_PORT, HUB_IP, MFS_MASTER, NODE_IP
 
     other_port = Listener(HUB_IP)  # one of the hub host's other services
     try:
@@ -522,7 +522,7 @@ def _wait_node(hub, name: str, up: bool, timeout: float = 60) -> dict:
 
 
 def test_forged_heartbeats_are_never_used(testbed, hub, tmp_path):
-    from testbed import HUB_IP
+    from support.testbed import HUB_IP
 
     from labvm_spawner.node import auth, registry
 
@@ -593,7 +593,7 @@ def test_a_revoked_node_gets_no_more_calls(testbed, hub):
 
 
 def test_agents_refuse_starts_they_must_not_run(testbed, hub):
-    from testbed import AGENT_PORT, NODE_IP
+    from support.testbed import AGENT_PORT, NODE_IP
 
     from labvm_spawner.node import auth
 

@@ -1,7 +1,7 @@
 """A user's root survives a stop, the container's removal and a hub restart."""
 
 import pytest
-from helpers import container_of, mounts_under, sh, state_dir
+from support.helpers import container_of, mounts_under, sh, state_dir
 
 pytestmark = pytest.mark.e2e
 

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import require  # tests/conftest.py: fail under CI, skip elsewhere
+from support.components import require  # tests/conftest.py: fail under CI, skip elsewhere
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import IN_CI, require
+from support.components import IN_CI, require
 
 HERE = Path(__file__).resolve().parent
 # Random operations per seed; CI runs every seed (at least 2,000 operations in all).

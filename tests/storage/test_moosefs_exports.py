@@ -12,7 +12,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
-from conftest import MFS_STATE
+from support.components import MFS_STATE
 
 MASTER = "10.77.0.1"
 OPTS = "mfsattrcacheto=0"

@@ -11,7 +11,7 @@ In a test::
 From a jupyterhub_config.py running in another process (patches pynvml in place)::
 
     import sys; sys.path.insert(0, "/path/to/repo/tests")
-    import fake_nvml; fake_nvml.install()  # fixture from $LABVM_FAKE_NVML, else DGX A100
+    from support import fake_nvml; fake_nvml.install()  # $LABVM_FAKE_NVML, else DGX A100
 
 Utilisation, temperature, power and memory use move with wall-clock time (a
 smooth wave per GPU), so a monitor polling twice sees different values;
@@ -31,7 +31,7 @@ from typing import Any
 
 import pynvml
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 DEFAULT_FIXTURE = FIXTURES / "nvml_dgx_a100.json"
 ENV_FIXTURE = "LABVM_FAKE_NVML"
 

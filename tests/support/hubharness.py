@@ -12,7 +12,7 @@ from pathlib import Path
 
 import requests
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 JUPYTERHUB = Path(sys.executable).parent / "jupyterhub"
 
 

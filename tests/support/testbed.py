@@ -21,9 +21,10 @@ import uuid
 from pathlib import Path
 
 import docker
-from hubharness import Hub
 
-REPO = Path(__file__).resolve().parent.parent
+from .hubharness import Hub
+
+REPO = Path(__file__).resolve().parents[2]
 TESTBED_SH = REPO / "scripts" / "testbed.sh"
 FIXTURES = REPO / "tests" / "fixtures"
 NODE_STATE = Path("/var/lib/labvm-testbed")
@@ -39,7 +40,7 @@ GPUS = {"a": [0, 1], "b": [2, 3]}
 _SHIM = """
 import sys
 sys.path.insert(0, {tests!r})
-import fake_nvml
+from support import fake_nvml
 fake_nvml.install({fixture!r})
 from labvm_spawner.cli.node import main
 main(sys.argv[1:])
