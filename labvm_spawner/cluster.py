@@ -19,15 +19,14 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from sqlalchemy import Boolean, Float, Integer, String, Text, create_engine, delete, select
-from sqlalchemy.engine import make_url
+from sqlalchemy import Boolean, Float, Integer, String, Text, delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from . import db
 from .errors import LabVMError
 from .names import check_node_name
 from .node import auth, registry
@@ -147,11 +146,7 @@ class Cluster:
     def __init__(self, db_url: str, registry_dir: str = "", key_file: str = "",
                  local: NodeOps | None = None,
                  down_after_s: float = registry.DOWN_AFTER_S) -> None:
-        url = make_url(db_url)
-        if url.get_backend_name() == "sqlite" and url.database:
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(db_url, connect_args={"timeout": 30}
-                                    if url.get_backend_name() == "sqlite" else {})
+        self.engine = db.engine(db_url)
         _Base.metadata.create_all(self.engine)
         self.registry_dir = registry_dir
         self.key_file = key_file

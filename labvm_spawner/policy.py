@@ -4,9 +4,9 @@ Layers, later ones winning per key: built-in defaults, ``default``, the user's g
 (several groups: the most generous value per key among those that set it), the admin
 override (admins only), then the user's own entry. Example::
 
-    default = {"cpus": 4, "mem": "16G", "pids": 4096, "max_gpus": 1}
-    group_overrides = {"staff": {"mem": "64G", "max_gpus": 4, "io_read_bps": None}}
-    user_overrides = {"alice": {"gpu_models": ["NVIDIA A100-SXM4-80GB"]}}
+    c.LabVMSpawner.policy = {"cpus": 4, "mem": "16G", "pids": 4096, "max_gpus": 1}
+    c.LabVMSpawner.group_policy = {"staff": {"mem": "64G", "max_gpus": 4, "io_read_bps": None}}
+    c.LabVMSpawner.user_policy = {"alice": {"gpu_models": ["NVIDIA A100-SXM4-80GB"]}}
 """
 
 from __future__ import annotations
@@ -186,12 +186,12 @@ def validate_config(
     user_overrides: Mapping[str, Mapping[str, Any]],
 ) -> None:
     """Check every entry (for hub start-up); resolve_policy checks only those it uses."""
-    _check("default", default)
+    _check("LabVMSpawner.policy", default)
     for name, entry in (group_overrides or {}).items():
-        _check(f"group_overrides[{name!r}]", entry)
-    _check("admin_override", admin_override)
+        _check(f"LabVMSpawner.group_policy[{name!r}]", entry)
+    _check("LabVMSpawner.admin_policy", admin_override)
     for name, entry in (user_overrides or {}).items():
-        _check(f"user_overrides[{name!r}]", entry)
+        _check(f"LabVMSpawner.user_policy[{name!r}]", entry)
 
 
 def resolve_policy(
@@ -205,10 +205,10 @@ def resolve_policy(
 ) -> tuple[Limits, GpuPolicy]:
     """The limits and GPU policy in force for ``user``; LabVMError on bad config."""
     values = _check("built-in defaults", BUILTIN_DEFAULTS)
-    values.update(_check("default", default))
+    values.update(_check("LabVMSpawner.policy", default))
 
     group_entries = [
-        _check(f"group_overrides[{g!r}]", group_overrides[g])
+        _check(f"LabVMSpawner.group_policy[{g!r}]", group_overrides[g])
         for g in dict.fromkeys(groups)
         if group_overrides and g in group_overrides
     ]
@@ -218,9 +218,9 @@ def resolve_policy(
             values[key] = combine(set_by_groups)
 
     if is_admin:
-        values.update(_check("admin_override", admin_override))
+        values.update(_check("LabVMSpawner.admin_policy", admin_override))
     if user_overrides and user in user_overrides:
-        values.update(_check(f"user_overrides[{user!r}]", user_overrides[user]))
+        values.update(_check(f"LabVMSpawner.user_policy[{user!r}]", user_overrides[user]))
 
     limits = Limits(
         cpus=values["cpus"],

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import socket
 from dataclasses import asdict
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from jupyterhub.spawner import Spawner
@@ -25,6 +24,7 @@ from traitlets import (
 
 from . import form
 from .cluster import Cluster, NodeView
+from .db import default_url as default_db_url
 from .errors import LabVMError
 from .names import root_key
 from .node.client import NodeUnreachable
@@ -114,7 +114,7 @@ class LabVMSpawner(NodeSettings, Spawner):
 
     @property
     def cluster(self) -> Cluster:
-        db = self.db_url or f"sqlite:///{Path(self.state_dir) / 'labvm.sqlite'}"
+        db = self.db_url or default_db_url(self.state_dir)
         cache_key = (db, self.registry_dir, self.local_node, self.node_name)
         if cache_key not in _clusters:
             local = None

@@ -34,12 +34,10 @@ if ((WITH_TEST)); then
   have mfsmakesnapshot || pkgs+=(moosefs-client)
   have chromium || pkgs+=(chromium)
 fi
-# --- desktop test (tests/e2e/test_desktop.py) ---
-# Readable text in the browser's screenshots of JupyterLab and noVNC.
+# Readable text in the browser's screenshots of JupyterLab and noVNC (test_desktop.py).
 if ((WITH_TEST)); then
   [[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]] || pkgs+=(fonts-dejavu-core)
 fi
-# --- end desktop test ---
 if ((${#pkgs[@]})); then
   say "installing Debian packages: ${pkgs[*]}"
   apt-get update -qq

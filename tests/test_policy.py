@@ -174,22 +174,22 @@ def test_bad_config_is_a_clear_labvm_error(entry, message):
     with pytest.raises(LabVMError) as e:
         resolve(user="alice", user_overrides={"alice": entry})
     assert message in str(e.value)
-    assert "user_overrides['alice']" in str(e.value)
+    assert "LabVMSpawner.user_policy['alice']" in str(e.value)
 
 
 def test_bad_group_entry_names_the_group():
-    with pytest.raises(LabVMError, match=r"group_overrides\['staff'\].*'cpu'"):
+    with pytest.raises(LabVMError, match=r"LabVMSpawner.group_policy\['staff'\].*'cpu'"):
         resolve(groups=["staff"], group_overrides={"staff": {"cpu": 4}})
 
 
 def test_bad_entries_of_others_do_not_block_resolution_but_fail_validation():
     users = {"carol": {"mem": "lots"}}
     assert resolve(user="bob", user_overrides=users) == resolve()
-    with pytest.raises(LabVMError, match=r"user_overrides\['carol'\], key 'mem'"):
+    with pytest.raises(LabVMError, match=r"LabVMSpawner.user_policy\['carol'\], key 'mem'"):
         validate_config(DEFAULT, GROUPS, ADMIN, users)
     validate_config(DEFAULT, GROUPS, ADMIN, USERS)
 
 
 def test_not_a_dict():
-    with pytest.raises(LabVMError, match="admin_override: expected a dict"):
+    with pytest.raises(LabVMError, match="LabVMSpawner.admin_policy: expected a dict"):
         resolve(is_admin=True, admin_override=["cpus", 4])

@@ -11,9 +11,10 @@ import os
 import sys
 import time
 
+from ..db import default_url
 from ..errors import LabVMError
 
-DEFAULT_DB = "sqlite:////var/lib/labvm/labvm.sqlite"
+DEFAULT_DB = default_url("/var/lib/labvm")
 
 
 def register(parser: argparse.ArgumentParser) -> None:

@@ -18,6 +18,7 @@ import docker
 from traitlets import Float, Unicode
 from traitlets.config import LoggingConfigurable
 
+from .. import db
 from ..node.allocations import GpuAllocator
 from . import procfs
 from .cgroups import CgroupReader, CgroupReading
@@ -141,7 +142,7 @@ class Collector(LoggingConfigurable):
     @property
     def allocator(self) -> GpuAllocator:
         if self._allocator is None:
-            url = self.db_url or f"sqlite:///{Path(self.state_dir) / 'labvm.sqlite'}"
+            url = self.db_url or db.default_url(self.state_dir)
             self._allocator = GpuAllocator(url, node=self.node_name)
         return self._allocator
 

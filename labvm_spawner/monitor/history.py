@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
-from pathlib import Path
 
-from sqlalchemy import Integer, String, Text, create_engine, delete, select
-from sqlalchemy.engine import make_url
+from sqlalchemy import Integer, String, Text, delete, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from .. import db
 from .collector import Sample
 from .points import SeriesKey, points_of
 
@@ -48,12 +47,7 @@ class RecentSamples:
 
 class History:
     def __init__(self, db_url: str, step_s: int = 60, retention_days: float = 8) -> None:
-        url = make_url(db_url)
-        args: dict[str, object] = {}
-        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-            args = {"check_same_thread": False, "timeout": 30}
-        self.engine = create_engine(url, connect_args=args)
+        self.engine = db.engine(db_url)
         _Base.metadata.create_all(self.engine)
         self.step_s = int(step_s)
         self.retention_s = retention_days * 86400

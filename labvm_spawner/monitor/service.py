@@ -25,6 +25,7 @@ from tornado import ioloop, web
 from traitlets import Float, Int, Unicode, default
 from traitlets.config import Application
 
+from .. import db
 from ..cluster import Cluster
 from ..migration import Migrator
 from ..storage import open_store
@@ -132,7 +133,7 @@ class MonitorService(Application):
     @property
     def cluster_url(self) -> str:
         return (self.cluster_db_url or self.collector.db_url
-                or f"sqlite:///{Path(self.collector.state_dir) / 'labvm.sqlite'}")
+                or db.default_url(self.collector.state_dir))
 
     # ---- sampling ------------------------------------------------------------
 

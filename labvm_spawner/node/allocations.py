@@ -14,7 +14,6 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 from sqlalchemy import (
     Boolean,
@@ -22,22 +21,20 @@ from sqlalchemy import (
     Integer,
     String,
     UniqueConstraint,
-    create_engine,
     delete,
     insert,
     select,
     update,
 )
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from .. import db
 from ..errors import LabVMError
 from .nvml import Gpu
 from .protocol import are_free as _are_free
 from .protocol import gpus_phrase as _gpus
-
-BUSY_TIMEOUT_S = 30
 
 
 class GpuUnavailable(LabVMError):
@@ -94,16 +91,7 @@ class GpuAllocator:
     def __init__(self, db_url: str, node: str = "local", sharing: bool = False) -> None:
         self.node = node
         self.sharing = sharing
-        url = make_url(db_url)
-        connect_args: dict[str, object] = {}
-        if url.get_backend_name() == "sqlite":
-            if url.database in (None, "", ":memory:"):
-                # Each pooled connection would get its own empty database.
-                raise ValueError("GpuAllocator needs a file-backed SQLite database")
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-            # timeout is SQLite's busy timeout: wait for the write lock instead of failing.
-            connect_args = {"check_same_thread": False, "timeout": BUSY_TIMEOUT_S}
-        self.engine = create_engine(url, connect_args=connect_args)
+        self.engine = db.engine(db_url, file_only=True)
         self._create_schema()
 
     def close(self) -> None:

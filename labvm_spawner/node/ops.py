@@ -21,6 +21,7 @@ from pathlib import Path
 import docker
 import docker.errors
 
+from .. import db
 from ..errors import LabVMError
 from ..images import USER_IMAGE
 from ..storage import open_store
@@ -55,7 +56,7 @@ class NodeOps:
                   Path(config.image_layer_dir or self.state / "rootfs")):
             d.mkdir(parents=True, exist_ok=True)
             d.chmod(0o700)
-        url = config.db_url or f"sqlite:///{self.state / 'labvm.sqlite'}"
+        url = config.db_url or db.default_url(self.state)
         self.allocator = GpuAllocator(url, node=config.name, sharing=config.gpu_sharing)
         self._lock = threading.Lock()  # guards _key_locks only
         self._key_locks: dict[str, threading.Lock] = {}
