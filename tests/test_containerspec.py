@@ -71,3 +71,12 @@ def test_limits():
     assert s["pids_limit"] == 512
     assert s["device_write_bps"] == [{"Path": "/dev/vda", "Rate": 100 << 20}]
     assert "device_read_bps" not in s
+
+
+def test_the_bound_runtime_holds_the_entrypoint():
+    # A missing bind source is made empty by dockerd, and every container dies at start.
+    s = spec()
+    runtime = [src for src, v in s["volumes"].items() if v["bind"] == "/.labvm/runtime"]
+    assert len(runtime) == 1
+    assert (Path(runtime[0]) / "entrypoint.sh").is_file()
+    assert s["entrypoint"][-1] == "/.labvm/runtime/entrypoint.sh"

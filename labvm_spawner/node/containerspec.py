@@ -18,7 +18,8 @@ from .protocol import CAPABILITIES, SERVER_PORT, Limits
 # Not part of the persistent root: fresh for every start.
 EPHEMERAL = frozenset({"tmp", "proc", "sys", "dev", "run"})
 
-RUNTIME_DIR = Path(__file__).resolve().parent / "runtime"
+# What runs inside every container (the entrypoint): labvm_spawner/runtime/.
+RUNTIME_DIR = Path(__file__).resolve().parent.parent / "runtime"
 
 
 @dataclass
