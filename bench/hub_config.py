@@ -8,10 +8,17 @@ load_subconfig(str(Path(__file__).resolve().parent.parent / "tests" / "hub_confi
 c = get_config()  # noqa: F821
 c.Spawner.pre_spawn_hook = None
 if os.environ["BENCH_SPAWNER"] == "docker":
-    # DockerSpawner from PyPI, on the same image, engine and network.
+    # DockerSpawner from PyPI, on the same image and engine, and a bridge network made
+    # the same way: LabVM's own network carries LabVM's container policy, which lets
+    # containers reach only the LabVM hub's API.
+    import docker
+
+    from labvm_spawner.node.network import ensure_network
+
+    ensure_network(docker.from_env(), "labvm-bench-docker")
     c.JupyterHub.spawner_class = "dockerspawner.DockerSpawner"
     c.DockerSpawner.image = os.environ["LABVM_TEST_IMAGE"]
-    c.DockerSpawner.network_name = "labvm"
+    c.DockerSpawner.network_name = "labvm-bench-docker"
     c.DockerSpawner.use_internal_ip = True
     c.DockerSpawner.remove = False  # a warm start restarts the stopped container
     c.DockerSpawner.cmd = ["jupyterhub-singleuser", "--allow-root"]
