@@ -2,7 +2,9 @@
 
 
 class LabVMError(Exception):
-    """A refusal whose message is meant for the user."""
+    """A refusal whose message is meant for the user; ``status`` is its HTTP status."""
+
+    status = 400
 
     @property
     def jupyterhub_message(self) -> str:

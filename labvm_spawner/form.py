@@ -49,11 +49,13 @@ def render_form(
     policy: GpuPolicy,
     free_by_model: Mapping[str, int],
     total_by_model: Mapping[str, int],
+    caps: list[str] | None = None,
 ) -> str:
     """HTML fragment for JupyterHub's options_form.
 
     ``free_by_model`` should count GPUs the user already holds as free to them, so a
-    restart can ask for the same GPUs again.
+    restart can ask for the same GPUs again. ``limits`` are those that will really
+    apply; ``caps`` say which the node's capacity lowered from the policy.
     """
     allowed = allowed_models(policy, list(total_by_model))
     free_of = {m: max(0, int(free_by_model.get(m, 0))) for m in allowed}
@@ -114,6 +116,8 @@ def render_form(
     for name, value in rows:
         parts.append(f'<tr><th scope="row">{escape(name)}</th><td>{escape(value)}</td></tr>')
     parts.append("</table>")
+    for cap in caps or []:
+        parts.append(f'<p class="help-block labvm-cap">{escape(cap)}</p>')
     parts.append("</div>")
     return "\n".join(parts)
 

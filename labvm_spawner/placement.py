@@ -12,6 +12,12 @@ from .node.protocol import are_free as _are_free
 from .node.protocol import gpus_phrase as _gpus
 
 
+class Unplaceable(LabVMError):
+    """No node can take the server now (try again later, or ask for less)."""
+
+    status = 503
+
+
 def fits(node: NodeView, key: str, gpus: int, model: str | None, limits: Limits,
          sharing: bool = False) -> str | None:
     """Why ``node`` cannot take this server, or None if it can."""
@@ -75,5 +81,5 @@ def choose_node(nodes: dict[str, NodeView], key: str, gpus: int, model: str | No
         candidates.append((spare, load, node.name))
     if not candidates:
         detail = "; ".join(sorted(reasons)) or "no node is registered"
-        raise LabVMError(f"No node can start this server now: {detail}.")
+        raise Unplaceable(f"No node can start this server now: {detail}.")
     return min(candidates)[2]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from urllib.parse import urlsplit
 
 from jupyterhub.spawner import Spawner
@@ -28,7 +28,7 @@ from .db import default_url as default_db_url
 from .errors import LabVMError
 from .names import root_key
 from .node.client import NodeUnreachable
-from .node.protocol import SERVER_PORT, NodeConfig, NodeInfo, StartRequest
+from .node.protocol import SERVER_PORT, Limits, NodeConfig, NodeInfo, StartRequest
 from .node.settings import NodeSettings
 from .placement import choose_node
 from .policy import resolve_policy, validate_config
@@ -168,8 +168,32 @@ class LabVMSpawner(NodeSettings, Spawner):
     async def _render_options_form(self, spawner=None) -> str:
         limits, gpu_policy = self._resolve_policy()
         nodes = await self.cluster.nodes()
+        limits, caps = self._capped(limits, nodes)
         free, total = self._gpu_counts(nodes, self._sharing(gpu_policy))
-        return form.render_form(limits, gpu_policy, free, total)
+        return form.render_form(limits, gpu_policy, free, total, caps)
+
+    def _capped(self, limits: Limits, nodes: dict[str, NodeView]) -> tuple[Limits, list[str]]:
+        """``limits`` lowered to what the node this server would use can give (its home
+        node if it has one, else the biggest node that is up), and a note per cap."""
+        home = self.cluster.placement(self.key) or self.cluster.pin(self.user.name)
+        if home in nodes:
+            node = nodes[home]
+        else:
+            up = [n for n in nodes.values() if n.up and not n.drained] or list(nodes.values())
+            if not up:
+                return limits, []
+            node = max(up, key=lambda n: (n.info.mem_bytes, n.info.cpus))
+        info, caps = node.info, []
+        if info.mem_bytes and limits.mem_bytes > info.mem_bytes:
+            caps.append(f"Memory is {form.format_bytes(info.mem_bytes)}, not the "
+                        f"{form.format_bytes(limits.mem_bytes)} of your policy: node "
+                        f"{node.name} has no more.")
+            limits = replace(limits, mem_bytes=info.mem_bytes)
+        if info.cpus and limits.cpus > info.cpus:
+            caps.append(f"CPUs are {info.cpus}, not the {limits.cpus:g} of your policy: node "
+                        f"{node.name} has no more.")
+            limits = replace(limits, cpus=float(info.cpus))
+        return limits, caps
 
     def options_from_form(self, formdata):
         return form.parse_form(formdata)
@@ -227,6 +251,10 @@ class LabVMSpawner(NodeSettings, Spawner):
         self._starting = True
         try:
             return await self._start()
+        except LabVMError as e:
+            # Our sentence, on the spawn page and in the REST API: never "Internal Server
+            # Error" for a refusal we understand (the form handler passes HTTPErrors on).
+            raise SpawnRefused(e) from e
         finally:
             self._starting = False
 
@@ -234,6 +262,9 @@ class LabVMSpawner(NodeSettings, Spawner):
         # Everything that can be refused is checked before anything is created.
         nodes = await self.cluster.nodes()
         key, limits, count, model, sharing = self._checked_request(self._gpu_models(nodes))
+        limits, caps = self._capped(limits, nodes)
+        for cap in caps:
+            self._emit(2, cap)
         self.root_key = key
         cluster = self.cluster
         placed = cluster.placement(key)
@@ -271,7 +302,7 @@ class LabVMSpawner(NodeSettings, Spawner):
         try:
             result = await node.start(req, self._emit)
         except NodeUnreachable as e:
-            raise LabVMError(f"Node {node_name} did not answer; try again soon. ({e})") from e
+            raise NodeUnreachable(f"Node {node_name} did not answer; try again soon. ({e})") from e
         self.container_id = result.container_id
         return (result.ip, result.port)
 
@@ -337,6 +368,22 @@ async def _check_user_options(spawner: LabVMSpawner, user_options: dict) -> None
         spawner._checked_request(spawner._gpu_models(nodes))
     except LabVMError as e:
         raise web.HTTPError(400, str(e)) from e
+
+
+class SpawnRefused(web.HTTPError, LabVMError):
+    """A refusal of ``start`` as JupyterHub shows one: its status, and our own message."""
+
+    def __init__(self, error: LabVMError) -> None:
+        status = error.status if 400 <= error.status < 600 else 400
+        super().__init__(status, "%s", str(error))
+        self.message = str(error)
+
+    @property
+    def jupyterhub_message(self) -> str:
+        return self.message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def _is_secret(name: str) -> bool:

@@ -221,3 +221,34 @@ def test_progress_stops_when_start_is_done(world) -> None:
         return events
 
     assert [e["progress"] for e in asyncio.run(run())] == [70]
+
+
+async def test_refusals_reach_the_user_as_http_errors_with_our_words(world) -> None:
+    # JupyterHub's form handler shows an HTTPError's message; anything else is "HTTP 500".
+    cases = [(NodeUnreachable("node n1 did not answer"), 503, "try again soon"),
+             (NodeRefused("node n1: 1 GPU requested but none is free on node n1", 409), 409,
+              "none is free")]
+    for error, status, says in cases:
+        world["node"].fail = error
+        with pytest.raises(web.HTTPError) as e:
+            await world["make"]().start()
+        assert e.value.status_code == status
+        assert says in e.value.jupyterhub_message and "Internal" not in str(e.value)
+    world["node"].fail = None
+    world["cluster"].set_placement("alice", "n9")
+    with pytest.raises(web.HTTPError) as e:
+        await world["make"]().start()
+    assert e.value.status_code == 400 and "n9, which is down" in e.value.jupyterhub_message
+
+
+async def test_limits_are_capped_to_the_node(world) -> None:
+    # The admin policy asks for more than node n1 has: 64 GiB and 8 CPUs.
+    s = world["make"]()
+    s.policy = {"cpus": 16, "mem": "96G", "pids": 512, "max_gpus": 1}
+    html = await s._render_options_form()
+    assert "64 GiB" in html and "not the 96 GiB of your policy" in html
+    assert "CPUs are 8, not the 16" in html
+    await s.start()
+    req = world["node"].calls[-1][1]
+    assert (req.limits["mem_bytes"], req.limits["cpus"]) == (64 << 30, 8.0)
+    assert any("not the 96 GiB" in e["message"] for e in s._events)

@@ -40,6 +40,8 @@ from .protocol import gpus_phrase as _gpus
 class GpuUnavailable(LabVMError):
     """Not enough GPUs (of the requested model) are free on this node."""
 
+    status = 409
+
 
 class _Base(DeclarativeBase):
     pass

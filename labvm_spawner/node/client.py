@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 class NodeUnreachable(LabVMError):
     """The node's agent did not answer."""
 
+    status = 503
+
 
 class NodeRefused(LabVMError):
     """The node's agent answered with an error (its message is ours to show)."""
