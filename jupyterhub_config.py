@@ -5,7 +5,6 @@ with ``scripts/start-hub.sh``, which installs and starts what is missing first.
 """
 
 import os
-import secrets
 
 import docker
 
@@ -25,8 +24,9 @@ c.JupyterHub.hub_port = 8081
 c.JupyterHub.cleanup_servers = False
 c.JupyterHub.db_url = f"sqlite:///{state}/hub/jupyterhub.sqlite"
 c.JupyterHub.pid_file = f"{state}/hub/jupyterhub.pid"
-# No secret on disk: a fresh cookie secret per hub start (users log in again after a restart).
-c.JupyterHub.cookie_secret = secrets.token_bytes(32)
+# Sessions survive a hub restart: JupyterHub makes the cookie secret once, in a root-only
+# file (0600) next to its database, and refuses it if others can read it.
+c.JupyterHub.cookie_secret_file = f"{state}/hub/jupyterhub_cookie_secret"
 
 # Accounts are the node's own (PAM): passwords stay hashed in /etc/shadow. Members
 # of the group labvm-users may log in; labvm-admin (made by start-hub.sh) is the admin.
@@ -64,3 +64,8 @@ _monitor["environment"] = {"LABVM_METRICS_TOKEN": os.environ.get("LABVM_METRICS_
 c.JupyterHub.services.append(_monitor)
 c.JupyterHub.load_roles.extend(_monitor_roles)
 # ---- END labvm monitor ----
+
+# Last: never serve log-ins in clear on a non-loopback address (README, "HTTPS").
+from labvm_spawner.hubconfig import require_tls  # noqa: E402
+
+require_tls(c)

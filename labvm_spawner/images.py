@@ -21,7 +21,9 @@ import docker.errors
 
 log = logging.getLogger(__name__)
 
-IMAGES_DIR = Path(__file__).resolve().parent.parent / "images"
+# The recipes: images/ of the checkout (through the package's image_recipes link), or
+# their copy inside an installed wheel.
+IMAGES_DIR = Path(__file__).resolve().parent / "image_recipes"
 # The only part of this package that goes into the user image: the desktop.
 VNC_DIR = Path(__file__).resolve().parent / "vnc"
 USER_IMAGE = "labvm/user:latest"

@@ -69,6 +69,7 @@ if os.environ.get("LABVM_TEST_TESTBED") == "1":
     # Containers on the nodes reach the hub's API on the test bed's bridge, and the
     # nodes reach its public URL there (to enroll).
     c.JupyterHub.hub_ip = os.environ["LABVM_TEST_HUB_IP"]
+    # Plain HTTP on the test bed's own bridge, which only this machine reaches.
     c.JupyterHub.bind_url = (f"http://{os.environ['LABVM_TEST_HUB_IP']}:"
                              f"{os.environ['LABVM_TEST_PORT']}")
     c.Spawner.http_timeout = 60

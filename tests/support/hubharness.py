@@ -45,6 +45,7 @@ class Hub:
             **(env or {}),
         }
         self.proc: subprocess.Popen | None = None
+        self.jupyterhub = JUPYTERHUB  # another install's, for the wheel test
         self.log_path = hub_dir / "hub.log"
 
     # ---- process -----------------------------------------------------------
@@ -53,7 +54,7 @@ class Hub:
         self.hub_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
-            [str(JUPYTERHUB), "-f", str(self.config)],
+            [str(self.jupyterhub), "-f", str(self.config)],
             cwd=self.hub_dir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
