@@ -59,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     monitor_cli.register(monitor.add_subparsers(dest="monitor_command", required=True))
     monitor.set_defaults(func=monitor_cli.run)
 
+    from . import service as service_cli
+
+    service = sub.add_parser("install-service", help="run LabVM's hub or node as a systemd "
+                             "service", description=service_cli.__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    service_cli.register(service)
+
     from . import migrate as migrate_cli
     from . import nodes as nodes_cli
 

@@ -172,6 +172,8 @@ class NodeAgent(NodeSettings, Application):
     tls_dir = Unicode("", help="Certificate directory (default <state_dir>/tls).").tag(
         config=True)
     heartbeat = Float(3.0, help="Seconds between heartbeats.").tag(config=True)
+    config_file = Unicode("", help="A config file of these settings (c.NodeAgent.<setting> "
+                          "= ...), as `labvm install-service node` makes.").tag(config=True)
     hub_api = List(Unicode(), help="The hub's API as containers reach it (IP:PORT): the one "
                    "address on the cluster's networks they may connect to.").tag(config=True)
 
@@ -191,7 +193,16 @@ class NodeAgent(NodeSettings, Application):
         "cluster-net": "NodeAgent.cluster_networks",
         "allow-net": "NodeAgent.container_allow_networks",
         "allow-image": "NodeAgent.allowed_images", "publish-ip": "NodeAgent.publish_ip",
+        "config": "NodeAgent.config_file",
     }
+
+    def initialize(self, argv: list[str] | None = None) -> None:
+        self.parse_command_line(argv)
+        if self.config_file:
+            if not Path(self.config_file).is_file():
+                raise LabVMError(f"no config file {self.config_file}")
+            self.load_config_file(self.config_file)
+            self.parse_command_line(argv)  # the command line wins over the file
     flags = {"gpu-sharing": ({"NodeAgent": {"gpu_sharing": True}},
                              "Allow several users on one GPU.")}
 
