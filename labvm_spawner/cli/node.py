@@ -97,21 +97,27 @@ def _join(argv: list[str]) -> None:
 
 
 def _doctor(argv: list[str]) -> None:
-    """Show what this node's containers may reach: the installed network policy."""
-    p = argparse.ArgumentParser(prog="labvm-node doctor", description=_doctor.__doc__)
-    p.add_argument("--docker-url", default="", help="this node's Docker engine")
-    p.add_argument("--network", default="labvm", help="Docker network for containers")
-    a = p.parse_args(argv)
-    import docker
+    """Check this node: dockerd with userns-remap, the MooseFS mount, the NVIDIA runtime
+    where GPUs exist, the clock against the hub, free disk for uppers, enrollment, and the
+    container network policy. Each problem comes with its fix; exit 1 if any."""
+    from ..node import doctor
 
-    client = docker.DockerClient(base_url=a.docker_url) if a.docker_url else docker.from_env()
-    bridge = netpolicy.bridge_of(client, a.network)
-    print(f"containers' bridge: {bridge} (docker network {a.network})")
-    print(netpolicy.show(bridge))
-    if not netpolicy.installed(bridge):
-        sys.exit("labvm-node: the container network policy is NOT in place; start the agent "
-                 "(labvm-node serve) to install it")
-    print("the container network policy is in place")
+    hub_url = ""
+    if "--hub-url" in argv:
+        i = argv.index("--hub-url")
+        hub_url = argv[i + 1] if i + 1 < len(argv) else ""
+        argv = argv[:i] + argv[i + 2:]
+    agent = NodeAgent()
+    agent.initialize(argv)  # the same settings (and --config) as `serve`
+    checks = doctor.run_all(agent, hub_url)
+    for check in checks:
+        print(check.line())
+    bridges = [c.detail.rsplit(" ", 1)[-1] for c in checks
+               if c.what == "container network policy" and c.ok]
+    for bridge in bridges:
+        print(netpolicy.show(bridge))
+    if not all(c.ok for c in checks):
+        sys.exit(1)
 
 
 def _network_policy(argv: list[str]) -> None:

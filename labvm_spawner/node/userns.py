@@ -23,11 +23,15 @@ def remap_base(user: str = "dockremap", subuid: Path = Path("/etc/subuid")) -> i
                      "running with userns-remap?")
 
 
+def has_userns(info: dict) -> bool:
+    """True when dockerd (its ``info``) runs with userns-remap."""
+    return any("name=userns" in o for o in info.get("SecurityOptions") or [])
+
+
 def require_userns(client: docker.DockerClient) -> dict:
     """Refuse to run containers when their root would be host root; returns dockerd's info."""
     info = client.info()
-    opts = info.get("SecurityOptions") or []
-    if not any("name=userns" in o for o in opts):
+    if not has_userns(info):
         raise LabVMError("dockerd runs without userns-remap, so a container's root would be "
                          "host root; LabVM refuses to start containers until dockerd runs "
                          "with \"userns-remap\" (see scripts/setup.sh)")

@@ -463,9 +463,15 @@ def _from_node(n: str, targets: list[str]) -> dict[str, str]:
 
 
 def _doctor(testbed, n: str) -> subprocess.CompletedProcess:
+    from support.testbed import HUB_IP
+
     return subprocess.run(["nsenter", f"--net=/var/run/netns/labvm-{n}", sys.executable, "-m",
-                           "labvm_spawner.cli.node", "doctor", "--docker-url",
-                           testbed.sock(n)], capture_output=True, text=True, timeout=60)
+                           "labvm_spawner.cli.node", "doctor", "--docker-url", testbed.sock(n),
+                           "--state-dir", str(testbed.state(n)),
+                           "--token-hash-file", str(testbed.work / f"{n}.token-hash"),
+                           "--store-root", str(testbed.node_path(n, testbed.store)),
+                           "--hub-url", f"http://{HUB_IP}:{PORT}"],
+                          capture_output=True, text=True, timeout=60)
 
 
 def test_containers_reach_only_the_hub_api_and_the_outside(testbed, hub):
@@ -490,6 +496,10 @@ def test_containers_reach_only_the_hub_api_and_the_outside(testbed, hub):
         assert rc == 0 and "APT-OK" in out, out  # the package mirrors, outside
         doctor = _doctor(testbed, n)
         assert doctor.returncode == 0 and "LABVM-FWD" in doctor.stdout, doctor.stdout
+        for what in ("dockerd: running, with userns-remap", "layer store: MooseFS",
+                     "clock: within", "enrollment: enrolled", "container network policy: "
+                     "in place"):
+            assert what in doctor.stdout, (what, doctor.stdout)
 
         # A dockerd restart (unattended upgrades) leaves the policy in place.
         testbed.kill_dockerd(n)
