@@ -44,13 +44,14 @@ def alternate(round_no: int, runs: dict[str, Callable[[], object]],
     """Time each of ``runs`` once, in an order that flips every round; record into ``times``.
 
     Flipping the order spreads warm caches and background load evenly over us and the
-    competitor.
+    competitor; flushing dirty pages first keeps one from paying for the other's writeback.
     """
     order = list(runs.items())
     if round_no % 2:
         order.reverse()
     took = {}
     for label, fn in order:
+        os.sync()
         took[label] = timed(fn)
         times.setdefault(label, []).append(took[label])
     return took

@@ -51,6 +51,16 @@ ensure_packages() {
 
 is_mounted() { mountpoint -q "$MNT" 2>/dev/null; }
 
+# A client mount whose mfsmount died (killed, or a machine restored from a snapshot)
+# stays in the mount table and answers "Transport endpoint is not connected" to
+# everything, so mkdir, mountpoint and rm all fail on it: detach it first.
+clear_dead_mount() {
+    awk -v m="$MNT" '$2 == m && $3 ~ /^fuse/ { found = 1 } END { exit !found }' /proc/mounts || return 0
+    stat "$MNT" >/dev/null 2>&1 && return 0
+    log "detaching the dead MooseFS mount at $MNT"
+    umount -l "$MNT"
+}
+
 setup_net() {
     ip link show "$BR" >/dev/null 2>&1 || ip link add "$BR" type bridge
     contains "$ROOT_IP/" "$(ip addr show dev "$BR")" || ip addr add "$ROOT_IP/24" dev "$BR"
@@ -128,6 +138,7 @@ up() {
     ensure_packages
     modprobe fuse 2>/dev/null || true
     setup_net
+    clear_dead_mount
     write_configs
     if ! ns_running "$NS_M" mfsmaster; then
         ip netns exec "$NS_M" mfsmaster -a -c "$STATE/mfsmaster.cfg" start >"$STATE/master.log" 2>&1 ||
@@ -170,6 +181,7 @@ up() {
 }
 
 down() {
+    clear_dead_mount
     if is_mounted; then umount "$MNT" 2>/dev/null || umount -l "$MNT"; fi
     local ns prog
     for ns in "$NS_C" "$NS_M"; do

@@ -143,11 +143,14 @@ def _sync(args: argparse.Namespace) -> int:
     if not args.upper.is_dir():
         raise _UsageError(f"--upper {args.upper} is not a directory")
     store = open_store(args.store)
-    syncer = UpperSync(args.upper, store.sync_path(args.key), journal=args.watch)
+    printer = _progress_printer(sys.stderr)
+    syncer = UpperSync(args.upper, store.sync_path(args.key), journal=args.watch,
+                       progress=printer)
     if args.watch:  # stop cleanly on SIGTERM too, so the index is saved for a fast restart
         signal.signal(signal.SIGTERM, _interrupt)
     try:
         stats = syncer.sync()
+        printer.done()
         print(f"synced {stats}", flush=True)
         failures = 0
         while args.watch:
@@ -168,6 +171,38 @@ def _sync(args: argparse.Namespace) -> int:
     finally:
         syncer.close()
     return 0
+
+
+def progress_line(p: dict[str, float]) -> str:
+    """A pass's progress for people: entries, bytes, rate and what is left."""
+    eta = p["eta_s"]
+    left = "" if eta == float("inf") else f", about {_duration(eta)} left"
+    return (f"{int(p['copied']):,} of at least {int(p['seen']):,} entries, "
+            f"{p['bytes'] / 2**30:.2f} GiB, {p['rate']:.0f}/s{left}")
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min" if s < 5400 else f"{s / 3600:.1f} h"
+
+
+class _progress_printer:  # noqa: N801 - used as a function
+    """A progress bar (one rewritten line) on a terminal, plain lines otherwise."""
+
+    def __init__(self, out) -> None:  # noqa: ANN001
+        self.out, self.tty, self.open = out, out.isatty(), False
+
+    def __call__(self, p: dict[str, float]) -> None:
+        if self.tty:
+            self.out.write(f"\r\x1b[Ksyncing: {progress_line(p)}")
+            self.open = True
+        else:
+            self.out.write(f"syncing: {progress_line(p)}\n")
+        self.out.flush()
+
+    def done(self) -> None:
+        if self.open:
+            self.out.write("\n")
+            self.open = False
 
 
 def _versions(args: argparse.Namespace) -> int:

@@ -21,7 +21,14 @@ def _keys_of(user: dict[str, Any], known_keys: list[str]) -> list[str]:
 
 
 def _sync_fields(store_root: str, key: str) -> dict[str, Any]:
-    synced = open_store(store_root).last_sync(key)
+    store = open_store(store_root)
+    fields = _last_sync_fields(store, key)
+    fields["sync_progress"] = store.sync_progress(key)
+    return fields
+
+
+def _last_sync_fields(store: Any, key: str) -> dict[str, Any]:
+    synced = store.last_sync(key)
     if synced is None:
         return {"last_sync": "never", "last_synced": None, "last_synced_node": "",
                 "last_sync_errors": 0}

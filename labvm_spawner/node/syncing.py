@@ -33,11 +33,16 @@ class Syncing:
         with self._lock:
             if key in self._syncers:
                 return
+            progress = self._progress(key)
             try:
-                self._syncers[key] = UpperSync(upper, mirror)
+                self._syncers[key] = UpperSync(upper, mirror, progress=progress)
             except OSError:
                 log.exception("%s: cannot watch the upper; it syncs by full scans", key)
-                self._syncers[key] = UpperSync(upper, mirror, journal=False)
+                self._syncers[key] = UpperSync(upper, mirror, journal=False, progress=progress)
+
+    def _progress(self, key: str):  # noqa: ANN202
+        """Where a long pass says how far it is: the store, for the admin pages."""
+        return lambda p: self.store.record_progress(key, p)
 
     def sync(self, key: str, final: bool) -> bool:
         """Sync ``key``'s upper now; ``final`` after its container stopped. False when
@@ -52,12 +57,16 @@ class Syncing:
             syncer = self._syncers.get(key)
         registered = syncer is not None
         if syncer is None:
-            syncer = UpperSync(paths.upper, self.store.sync_path(key), journal=not final)
+            syncer = UpperSync(paths.upper, self.store.sync_path(key), journal=not final,
+                               progress=self._progress(key))
             if not final:
                 with self._lock:
                     self._syncers[key] = syncer
         t = time.time()
-        stats = syncer.sync()
+        try:
+            stats = syncer.sync()
+        finally:
+            self.store.clear_progress(key)
         syncer.save_index()
         self.store.record_sync(key, t, self.uppers.node, self.uppers.generation(key),
                                stats.changed, stats.errors)

@@ -18,7 +18,7 @@ from .safepath import read_xattrs, set_xattrs
 __all__ = ["OVL_PREFIX", "OVL_OPAQUE", "OVL_WHITEOUT", "OVL_REDIRECT", "OVL_METACOPY",
            "read_xattrs", "set_xattrs", "visible_xattrs", "is_char_whiteout", "set_meta",
            "apply_meta", "apply_meta_fd", "open_regular", "copy_entry", "overwrite_file",
-           "copy_file_data"]
+           "copy_file_data", "read_umask", "refresh_umask"]
 
 OVL_PREFIX = "trusted.overlay."
 # Overlayfs escapes a user's own trusted.overlay.* xattr by doubling the prefix.
@@ -86,6 +86,46 @@ def apply_meta(dirfd: int, name: str, st: os.stat_result, xattrs: dict[str, byte
     """``apply_meta_fd`` for an entry we do not hold open (symlink, fifo, device, socket)."""
     set_meta(dirfd, name, stat.S_IFMT(st.st_mode), st.st_uid, st.st_gid, st.st_mode,
              (st.st_atime_ns, st.st_mtime_ns), xattrs, replace_xattrs)
+
+
+# Every call is a round trip on a FUSE store, so a new file skips those that would set
+# what it already has: the owner we create it with, and its mode when no set-id bit
+# (which chown clears) is involved and the umask left it as wanted.
+_SPECIAL = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX
+
+
+def read_umask() -> int:
+    """The process's umask, read without changing it (os.umask would, for every thread)."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o777  # unknown: every new file gets its mode set
+
+
+_UMASK = read_umask()
+
+
+def refresh_umask() -> None:
+    """Re-read the umask; copies call this when they start, in case it was changed."""
+    global _UMASK
+    _UMASK = read_umask()
+
+
+def _create_mode(st: os.stat_result) -> int:
+    return stat.S_IMODE(st.st_mode) & ~_SPECIAL & 0o777 if not st.st_mode & _SPECIAL else 0o600
+
+
+def _new_file_meta(fd: int, st: os.stat_result, xattrs: dict[str, bytes]) -> None:
+    """``apply_meta_fd`` for a file just made with ``_create_mode(st)``."""
+    if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+        os.fchown(fd, st.st_uid, st.st_gid)
+    wanted = stat.S_IMODE(st.st_mode)
+    if st.st_mode & _SPECIAL or _create_mode(st) & ~_UMASK != wanted:
+        os.fchmod(fd, wanted)
+    if xattrs:
+        set_xattrs(fd, None, xattrs)
+    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def open_regular(dirfd: int, name: str, st: os.stat_result | None = None) -> int:
@@ -160,10 +200,10 @@ def copy_entry(src_dir: int, src_name: str, dst_dir: int, dst_name: str,
             st = os.fstat(fd_in)
             if xattrs is None:
                 xattrs = read_xattrs(fd_in)
-            fd_out = os.open(dst_name, _CREATE, 0o600, dir_fd=dst_dir)
+            fd_out = os.open(dst_name, _CREATE, _create_mode(st), dir_fd=dst_dir)
             try:
                 copy_file_data(fd_in, fd_out, st)
-                apply_meta_fd(fd_out, st, xattrs)
+                _new_file_meta(fd_out, st, xattrs)
             finally:
                 os.close(fd_out)
         finally:

@@ -234,6 +234,7 @@ def merge_into_new(lower: str | Path, upper: str | Path, into: str | Path,
     lower, upper, into = Path(lower), Path(upper), Path(into)
     check_merge_args(lower, upper, into)
     tree = scan_upper(upper, workers)  # refuses before anything is written
+    fsops.refresh_umask()
     _remove_stale_tmps(into)
     tmp = into.parent / f"{_TMP_TAG.format(name=into.name)}{os.getpid()}"
     try:

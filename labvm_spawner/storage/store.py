@@ -29,6 +29,7 @@ import json
 import os
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,6 +114,30 @@ class LayerStore(HandOver):
         tmp.write_text(json.dumps({"t": t, "node": node, "gen": gen, "changed": changed,
                                    "errors": errors}))
         os.replace(tmp, path)
+
+    def record_progress(self, key: str, progress: dict) -> None:
+        """Note how far a running sync of ``key`` is (``<key>/sync-progress.json``)."""
+        path = self.key_dir(key) / "sync-progress.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".progress.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps({k: v for k, v in dict(progress, t=time.time()).items()
+                                   if v != float("inf")}))
+        os.replace(tmp, path)
+
+    def clear_progress(self, key: str) -> None:
+        (self.key_dir(key) / "sync-progress.json").unlink(missing_ok=True)
+
+    def sync_progress(self, key: str, fresh_s: float = 30) -> dict | None:
+        """The running sync's last ``record_progress``, if it is recent."""
+        try:
+            with open(self.key_dir(key) / "sync-progress.json", encoding="utf-8") as f:
+                rec = json.load(f)
+            if time.time() - float(rec["t"]) > fresh_s:
+                return None
+            return {k: float(rec[k]) for k in ("seen", "copied", "bytes", "rate")
+                    } | {"eta_s": float(rec["eta_s"]) if "eta_s" in rec else None}
+        except (OSError, ValueError, KeyError, TypeError, StoreError):
+            return None
 
     def last_sync(self, key: str) -> dict | None:
         """The last ``record_sync`` of ``key`` ({"t", "node", "gen", "changed", "errors"}),

@@ -32,6 +32,8 @@ import os
 import secrets
 import stat
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,11 +43,15 @@ from .crash import crashpoint
 from .journal import ChangeJournal
 from .safepath import Parts
 from .store import TMP_PREFIX
+from .treecopy import FdBudget, default_workers, hand_down, run_parallel
 
 log = logging.getLogger(__name__)
 
 # Errors logged one by one per pass; the rest only counted.
 _LOGGED = 20
+# Entries of one directory per task (a directory of 5,000 files keeps every worker busy).
+_SLICE = 256
+_REPORT_S = float(os.environ.get("LABVM_SYNC_REPORT_S", "2"))  # between progress reports
 
 
 class Node:
@@ -151,6 +157,19 @@ class SyncStats:
     errors: int = 0
     rescan: bool = False
     failed: list[str] = field(default_factory=list)  # the first few paths that failed
+    seen: int = 0  # entries listed by a full comparison so far
+    bytes: int = 0  # bytes of the files copied
+    started: float = field(default_factory=time.monotonic)
+
+    def progress(self) -> dict[str, float]:
+        """How far a pass is: entries seen and copied, bytes, rate and a rough ETA (the
+        entries seen so far are the best guess of the total while directories are listed)."""
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        done = self.copied + self.dirs
+        rate = done / elapsed
+        left = max(self.seen - done, 0)
+        return {"seen": self.seen, "copied": done, "bytes": self.bytes, "elapsed_s": elapsed,
+                "rate": rate, "eta_s": left / rate if rate > 0 else float("inf")}
 
     @property
     def changed(self) -> int:
@@ -168,6 +187,21 @@ class _Pass:
     def __init__(self, sync: UpperSync, upper: int, mirror: int, stats: SyncStats) -> None:
         self.s, self.upper, self.mirror, self.stats = sync, upper, mirror, stats
         self.lock = threading.Lock()
+        self._reported = time.monotonic()
+
+    def report(self) -> None:
+        """Tell the pass's ``progress`` callback how far it is, every few seconds."""
+        if self.s.progress is None or time.monotonic() - self._reported < _REPORT_S:
+            return
+        with self.lock:
+            if time.monotonic() - self._reported < _REPORT_S:
+                return
+            self._reported = time.monotonic()
+            now = self.stats.progress()
+        try:
+            self.s.progress(now)
+        except Exception:  # noqa: BLE001 - a progress display never stops a sync
+            log.exception("sync progress callback failed")
 
     # ---- failures ----------------------------------------------------------------
     def failed(self, parts: Parts, e: OSError) -> None:
@@ -226,8 +260,18 @@ class _Pass:
         return False
 
     def copy(self, u: int, m: int, name: str, parts: Parts, st: os.stat_result,
-             parent: Node) -> None:
-        """Copy the non-directory ``name`` from upper dir ``u`` to mirror dir ``m``."""
+             parent: Node, direct: bool = False) -> None:
+        """Copy the non-directory ``name`` from upper dir ``u`` to mirror dir ``m``; with
+        ``direct``, straight to its name (nothing is there, and no reader looks yet)."""
+        if direct:
+            copied = fsops.copy_entry(u, name, m, name, st)
+            crashpoint("sync.written_in_place")
+            with self.lock:
+                assert parent.kids is not None
+                parent.kids[name] = Node(copied.st_ino, copied.st_ctime_ns)
+                self.stats.copied += 1
+                self.stats.bytes += copied.st_size
+            return
         tmp = f"{TMP_PREFIX}{secrets.token_hex(6)}"
         group = None
         try:
@@ -245,6 +289,7 @@ class _Pass:
             assert parent.kids is not None
             parent.kids[name] = Node(copied.st_ino, copied.st_ctime_ns)
             self.stats.copied += 1
+            self.stats.bytes += copied.st_size
         if group is not None:
             self._relink_group(group, parts, m, name, copied)
 
@@ -341,57 +386,142 @@ class _Pass:
         """The upper directory ``u``'s owner, mode, xattrs and times onto mirror dir ``m``."""
         st = os.fstat(u)
         fsops.apply_meta_fd(m, st, safepath.read_xattrs(u), replace_xattrs=True)
-        node.ino, node.ctime = st.st_ino, st.st_ctime_ns
-        self.stats.dir_meta += 1
+        with self.lock:
+            node.ino, node.ctime = st.st_ino, st.st_ctime_ns
+            self.stats.dir_meta += 1
 
     # ---- trees -------------------------------------------------------------------
     def tree(self, u: int, m: int, node: Node, top: Parts) -> None:
-        """Full comparison of upper dir ``u`` (at ``top``) and mirror dir ``m``, below."""
+        """Full comparison of upper dir ``u`` (at ``top``) and mirror dir ``m``, below.
 
-        def enter(w: safepath.Walk, fds: list[int], parent: Node | None) -> tuple[list[str],
-                                                                                  Node]:
-            here = node if parent is None else parent.dir(w.path[-1])
-            base = (*top, *w.path)
-            ufd, mfd = fds
-            try:
-                wanted = safepath.scandir(ufd)
-                present = safepath.scandir(mfd)
-            except OSError as e:
-                self.failed(base, e)
-                return [], here
-            subdirs = []
-            for name in present.keys() - wanted.keys():
+        Directories are compared on a pool of ``workers`` threads, big ones in slices,
+        each task holding descriptors of its own directory. What must stay in order runs
+        after: hard link groups, then every directory's metadata, deepest first (creating
+        entries changes a directory's times).
+        """
+        budget = FdBudget()
+        dirs: list[tuple[Parts, Node]] = []
+        linked: list[Parts] = []
+        lock = self.lock
+
+        def visit(task: object) -> list[object]:
+            kind, fds, parts, here, new = task[:5]  # type: ignore[index]
+            if fds is not None:
+                budget.give(len(fds))  # handed down: this task holds them now
+            else:
                 try:
-                    self.delete(mfd, name, here)
-                except OSError as e:
-                    self.failed((*base, name), e)
-            for name, st in wanted.items():
-                parts = (*base, name)
-                try:
-                    if stat.S_ISDIR(st.st_mode):
-                        self.make_dir(mfd, name, present.get(name), here)
-                        subdirs.append(name)
-                        continue
-                    if _linked(st):
-                        self.s.links.setdefault(st.st_ino, set()).add(parts)
-                    mst = present.get(name)
-                    if mst is None or self.differs(ufd, mfd, name, st, mst, here.child(name)):
-                        self.copy(ufd, mfd, name, parts, st, here)
+                    fds = (safepath.open_dir(self.upper, parts),
+                           safepath.open_dir(self.mirror, parts))
                 except OSError as e:
                     self.failed(parts, e)
-            return subdirs, here
-
-        def leave(w: safepath.Walk, _parent: list[int], _name: str, fds: list[int],
-                  here: Node) -> None:
+                    return []
+            ufd, mfd = fds
             try:
-                self.dir_meta(fds[0], fds[1], here)
+                if kind == "files":
+                    self._files(ufd, mfd, parts, here, task[5], task[6], new)  # type: ignore[index]
+                    return []
+                return self._listing(ufd, mfd, parts, here, new, budget, dirs, linked, lock)
+            finally:
+                os.close(ufd)
+                os.close(mfd)
+
+        with lock:
+            dirs.append((top, node))
+        budget.take(2)
+        first = ("dir", (os.dup(u), os.dup(m)), top, node, False)
+        run_parallel([first], visit, self.s.workers, budget.drop)
+        for parts in linked:  # link groups share state: one by one
+            pair = self.parents(parts)
+            if pair is None:
+                continue
+            pu, pm = pair
+            try:
+                self.entry(pu, pm, parts[-1], parts, self.s.index.dir(parts[:-1]))
             except OSError as e:
-                self.failed((*top, *w.path), e)
+                self.failed(parts, e)
+            finally:
+                os.close(pu)
+                os.close(pm)
+        dirs.sort(key=lambda d: -len(d[0]))
+        batches = [dirs[i:i + 64] for i in range(0, len(dirs), 64)]
+        run_parallel(batches, self._metas, self.s.workers)
 
-        def lost(w: safepath.Walk, e: OSError) -> None:
-            self.failed((*top, *w.path), e)
+    def _metas(self, batch: object) -> list[object]:
+        for parts, node in batch:  # type: ignore[attr-defined]
+            pair = self.pair(parts)
+            if pair is None:
+                continue
+            try:
+                self.dir_meta(pair[0], pair[1], node)
+            except OSError as e:
+                self.failed(parts, e)
+            finally:
+                os.close(pair[0])
+                os.close(pair[1])
+        return []
 
-        safepath.walk([u, m], enter, leave, lost)
+    def _listing(self, ufd: int, mfd: int, parts: Parts, here: Node, new: bool,
+                 budget: FdBudget, dirs: list, linked: list, lock: threading.Lock
+                 ) -> list[object]:
+        """Compare one directory; returns the tasks for its subdirectories and slices."""
+        try:
+            wanted = safepath.scandir(ufd)
+            present = {} if new else safepath.scandir(mfd)
+        except OSError as e:
+            self.failed(parts, e)
+            return []
+        with lock:
+            self.stats.seen += len(wanted)
+        for name in present.keys() - wanted.keys():
+            try:
+                self.delete(mfd, name, here)
+            except OSError as e:
+                self.failed((*parts, name), e)
+        tasks: list[object] = []
+        files: list[tuple[str, os.stat_result]] = []
+        for name, st in wanted.items():
+            child = (*parts, name)
+            try:
+                if stat.S_ISDIR(st.st_mode):
+                    created = self.make_dir(mfd, name, present.get(name), here)
+                    sub = here.dir(name)
+                    with lock:
+                        dirs.append((child, sub))
+                    tasks.append(("dir", hand_down([ufd, mfd], name, budget), child, sub,
+                                  created))
+                elif _linked(st):
+                    with lock:
+                        self.s.links.setdefault(st.st_ino, set()).add(child)
+                        linked.append(child)
+                else:
+                    files.append((name, st))
+            except OSError as e:
+                self.failed(child, e)
+        # Big directories in slices, so that one of them keeps every worker busy.
+        for i in range(0, len(files), _SLICE):
+            chunk = files[i:i + _SLICE]
+            if i + _SLICE >= len(files):  # the last slice: here, with these descriptors
+                self._files(ufd, mfd, parts, here, chunk, present, new)
+            else:
+                fds = [os.dup(ufd), os.dup(mfd)] if budget.take(2) else None
+                tasks.append(("files", fds, parts, here, new, chunk, present))
+        return tasks
+
+    def _files(self, ufd: int, mfd: int, parts: Parts, here: Node,
+               files: list[tuple[str, os.stat_result]], present: dict[str, os.stat_result],
+               new: bool) -> None:
+        for name, st in files:
+            child = (*parts, name)
+            try:
+                mst = present.get(name)
+                if mst is None or self.differs(ufd, mfd, name, st, mst, here.child(name)):
+                    # In a directory made in this pass no reader sees a half-copied file:
+                    # write it in place (a sparse one still goes through a temp name).
+                    direct = new and st.st_blocks * 512 >= st.st_size
+                    self.copy(ufd, mfd, name, child, st, here, direct=direct)
+            except OSError as e:
+                self.failed(child, e)
+            self.report()
 
     def pair(self, parts: Parts) -> tuple[int, int] | None:
         """The directory ``parts`` in the upper and in the mirror; None (counted, retried)
@@ -416,8 +546,7 @@ class _Pass:
         u, m = pair
         try:
             node = parent.dir(parts[-1]) if parts else self.s.index.root
-            self.tree(u, m, node, parts)
-            self.dir_meta(u, m, node)
+            self.tree(u, m, node, parts)  # with the directory's own metadata
         except OSError as e:
             self.failed(parts, e)
         finally:
@@ -503,10 +632,16 @@ class UpperSync:
     """Keeps ``mirror`` a faithful copy of the upper directory ``upper``."""
 
     def __init__(self, upper: str | os.PathLike[str], mirror: str | os.PathLike[str],
-                 journal: bool = True) -> None:
+                 journal: bool = True, workers: int | None = None,
+                 progress: Callable[[dict[str, float]], None] | None = None) -> None:
         self.upper = os.fspath(upper)
         self.mirror = os.fspath(mirror)
+        # Full comparisons run on a pool: on MooseFS every call is a round trip.
+        self.workers = workers or int(os.environ.get("LABVM_SYNC_WORKERS") or 0) or \
+            default_workers(os.path.dirname(self.mirror) or ".")
+        self.progress = progress  # called every few seconds of a pass with stats.progress()
         self.index_file = self.mirror.rstrip("/") + ".index"
+        self._born = time.time()
         self.index = self._load_index()
         # inode -> paths, only for regular files with more than one link
         self.links: dict[int, set[Parts]] = {}
@@ -532,6 +667,25 @@ class UpperSync:
             json.dump(self.index.dump(), f, separators=(",", ":"))
         crashpoint("sync.index_written")
         os.replace(tmp, self.index_file)
+        self._drop_dead_index_tmps()
+
+    def _drop_dead_index_tmps(self) -> None:
+        # A sync killed while saving leaves its temp file; one last written before this
+        # syncer existed has no live writer (one syncer per key), so it goes now rather
+        # than waiting for an fsck.
+        d, base = os.path.split(self.index_file)
+        prefix = base + "."
+        try:
+            names = [n for n in os.listdir(d or ".") if n.startswith(prefix) and n.endswith(".tmp")]
+        except OSError:
+            return
+        for n in names:
+            p = os.path.join(d, n)
+            try:
+                if os.lstat(p).st_mtime < self._born:
+                    os.unlink(p)
+            except OSError:
+                pass
 
     def close(self) -> None:
         if self.journal is not None:
@@ -558,6 +712,7 @@ class UpperSync:
     def _run(self, paths: set[Parts] | None, trees: set[Parts] | None = None) -> SyncStats:
         stats = SyncStats(rescan=paths is None)
         self.retry = set()
+        fsops.refresh_umask()
         upper = safepath.open_root(self.upper)
         try:
             os.makedirs(os.path.dirname(self.mirror) or ".", exist_ok=True)
@@ -609,8 +764,8 @@ class UpperSync:
             except OSError as e:
                 p.failed(parts, e)
         # Plain entries are independent: copy them in parallel (syscall-bound).
-        if len(files) > 4:
-            with ThreadPoolExecutor(max_workers=8) as pool:
+        if len(files) > 4 and self.workers > 1:
+            with ThreadPoolExecutor(max_workers=self.workers) as pool:
                 for _ in pool.map(lambda parts: self._one_file(p, parts), files):
                     pass
         else:

@@ -113,6 +113,17 @@ def run_parallel(first: Iterable[object], fn: Callable[[object], list[object]],
     small. The first error stops the run: the remaining tasks go to ``drop`` (to
     release what they hold) and the error is raised here.
     """
+    if workers <= 1:  # here, without threads: same order, nothing to hand over
+        stack = list(first)[::-1]
+        try:
+            while stack:
+                stack.extend(reversed(fn(stack.pop())))
+        except BaseException:
+            if drop is not None:
+                for t in stack:
+                    drop(t)
+            raise
+        return
     tasks: queue.LifoQueue[object] = queue.LifoQueue()
     lock = threading.Lock()
     outstanding = 0
@@ -331,6 +342,7 @@ def copy_scanned(tree: DirNode, src: str | Path, dst: str | Path,
                  workers: int | None = None) -> None:
     """Copy the scanned tree ``tree`` of ``src`` into the empty directory ``dst``, verbatim
     (overlay's own xattrs and whiteouts included), hard link groups kept."""
+    fsops.refresh_umask()
     sfd, dfd = safepath.open_root(src), safepath.open_root(dst)
     budget = FdBudget()
     links: dict[tuple[int, int], list[LinkMember]] = {}

@@ -26,11 +26,14 @@ from . import treeops
 KEY = "alice.gpu"
 
 
-def labvm(*args: object, crash: str | None = None) -> subprocess.CompletedProcess[str]:
+def labvm(*args: object, crash: str | None = None,
+          workers: int | None = None) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env.pop("LABVM_CRASH_AT", None)
     if crash:
         env["LABVM_CRASH_AT"] = crash
+    if workers:
+        env["LABVM_SYNC_WORKERS"] = str(workers)
     return subprocess.run([sys.executable, "-m", "labvm_spawner.cli", "storage",
                            *map(str, args)], capture_output=True, text=True, env=env, timeout=120)
 
@@ -168,11 +171,12 @@ def test_merge_crash(world: dict, point: str) -> None:
 
 
 SYNC_POINTS = ["sync.tmp_written", "sync.renamed", "sync.deleted", "sync.dir_created",
-               "sync.rescanned", "sync.done", "sync.index_written"]
+               "sync.written_in_place", "sync.rescanned", "sync.done", "sync.index_written"]
 
 
+@pytest.mark.parametrize("workers", [1, 8])
 @pytest.mark.parametrize("point", SYNC_POINTS)
-def test_sync_crash(tmp_path: Path, overlay_ok: None, point: str) -> None:
+def test_sync_crash(tmp_path: Path, overlay_ok: None, point: str, workers: int) -> None:
     root, lower, upper = tmp_path / "store", tmp_path / "lower", tmp_path / "upper"
     lower.mkdir()
     treeops.apply_op(lower, ("write", "l1", b"lower"))
@@ -182,9 +186,10 @@ def test_sync_crash(tmp_path: Path, overlay_ok: None, point: str) -> None:
     store = open_store(root)
     UpperSync(upper, store.sync_path(KEY), journal=False).sync()
     make_upper(lower, upper, tmp_path / "w2", OPS_B)
-    res = labvm("sync", "--store", root, "--upper", upper, "--key", KEY, crash=point)
+    res = labvm("sync", "--store", root, "--upper", upper, "--key", KEY, crash=point,
+                workers=workers)
     assert res.returncode == -9, f"crash point {point} not reached: {res.stderr}"
-    done = labvm("sync", "--store", root, "--upper", upper, "--key", KEY)
+    done = labvm("sync", "--store", root, "--upper", upper, "--key", KEY, workers=workers)
     assert done.returncode == 0, done.stderr
     mirror = store.sync_path(KEY)
     assert treeops.snapshot(mirror) == treeops.snapshot(upper)
@@ -306,3 +311,46 @@ def test_commit_killed_at_random_moments(tmp_path: Path, overlay_ok: None) -> No
         assert got in (old, new)
         outcomes["old" if got == old else "new"] += 1
     assert outcomes["old"] >= 1, outcomes  # the kills did land inside commits
+
+
+def test_first_sync_killed_at_random_moments(tmp_path: Path, overlay_ok: None) -> None:
+    """12 kill -9 of a parallel first sync at random moments: the next sync always ends
+    with a mirror equal to the upper, and fsck finds nothing to repair in the store."""
+    import random
+    import time
+
+    root, upper = tmp_path / "store", tmp_path / "upper"
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    ops = [("mkdir", "d", 0o755), ("mkdir", "e", 0o750), ("mkdir", "e/deep", 0o700)]
+    ops += [("write", f"d/f{i}", b"x" * (i % 7000)) for i in range(1200)]
+    ops += [("write", f"e/deep/g{i}", b"y" * 3000) for i in range(300)]
+    ops += [("link", "d/f5", "e/l5"), ("truncate", "e/sparse", 5_000_000)]
+    make_upper(lower, upper, tmp_path / "w", ops + OPS_A)
+    store = open_store(root)
+    mirror = store.sync_path(KEY)
+    cmd = [sys.executable, "-m", "labvm_spawner.cli", "storage", "sync", "--store", str(root),
+           "--upper", str(upper), "--key", KEY]
+    env = dict(os.environ, LABVM_SYNC_WORKERS="8")
+    env.pop("LABVM_CRASH_AT", None)
+    t0 = time.monotonic()
+    assert subprocess.run(cmd, capture_output=True, env=env).returncode == 0
+    took = time.monotonic() - t0
+    want = treeops.snapshot(upper), treeops.snapshot_root(upper)
+    assert (treeops.snapshot(mirror), treeops.snapshot_root(mirror)) == want
+    rnd = random.Random(11)
+    partial = 0
+    for _ in range(12):
+        subprocess.run(["rm", "-rf", str(mirror), f"{mirror}.index"], check=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=env)
+        time.sleep(rnd.uniform(0.1, took))
+        proc.kill()
+        proc.wait()
+        if mirror.exists() and treeops.snapshot(mirror) != want[0]:
+            partial += 1
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        assert (treeops.snapshot(mirror), treeops.snapshot_root(mirror)) == want
+        assert open_store(root).fsck().clean
+    assert partial >= 3  # the kills did land inside syncs

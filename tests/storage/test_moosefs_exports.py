@@ -77,3 +77,49 @@ def test_only_the_listed_address_with_the_password_mounts(tmp_path: Path, moosef
     finally:
         subprocess.run(["ip", "link", "del", veth], check=False)
         subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def _mfsmount_pid(mnt: Path) -> int:
+    out = subprocess.run(["pgrep", "-x", "mfsmount", "-a"], capture_output=True, text=True).stdout
+    # mfsmount retitles itself "mfsmount (mounted on: MNT)".
+    pids = [int(line.split()[0]) for line in out.splitlines() if f"mounted on: {mnt})" in line]
+    assert len(pids) == 1, out
+    return pids[0]
+
+
+def test_up_brings_back_a_client_whose_mfsmount_was_killed(moosefs: Path) -> None:
+    """A killed mfsmount (or a machine restored from a snapshot) leaves a dead mount.
+
+    Everything on it answers ENOTCONN; ``moosefs.sh up`` must detach it and mount again,
+    and the data, which lives in the master and the chunkserver, is all still there.
+    """
+    from support.components import MOOSEFS_SH
+
+    mnt = MFS_STATE / "mnt"
+    kept = moosefs / f"kept-{uuid.uuid4().hex[:6]}"
+    fd = os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    os.write(fd, b"still here\n")
+    os.fsync(fd)
+    os.close(fd)
+    pid = _mfsmount_pid(mnt)
+    os.kill(pid, 9)
+    for _ in range(100):
+        if not os.path.exists(f"/proc/{pid}"):
+            break
+        subprocess.run(["sleep", "0.05"])
+    try:
+        os.stat(mnt)
+        dead = False
+    except OSError:
+        dead = True
+    assert dead, "a killed mfsmount should leave a mount that no longer answers"
+    st = subprocess.run([str(MOOSEFS_SH), "status", str(MFS_STATE)], capture_output=True, text=True)
+    assert st.returncode != 0 and "mount: none" in st.stdout
+
+    up = subprocess.run([str(MOOSEFS_SH), "up", str(MFS_STATE)], capture_output=True, text=True,
+                        timeout=300)
+    assert up.returncode == 0, up.stderr
+    assert "detaching the dead MooseFS mount" in up.stderr
+    assert kept.read_text() == "still here\n"
+    assert _mfsmount_pid(mnt) != pid
+    kept.unlink()

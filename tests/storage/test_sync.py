@@ -246,3 +246,70 @@ def test_hard_linked_symlinks_stay_one_inode(tmp_path: Path, overlay_ok: None) -
             syncer.sync()
             syncer.close()
             _check(upper, mirror)
+
+
+def test_a_long_pass_reports_its_progress(tmp_path: Path, overlay_ok: None, monkeypatch) -> None:
+    import subprocess
+    import sys
+
+    from labvm_spawner.storage import sync as sync_module
+    from labvm_spawner.storage.store import open_store
+
+    monkeypatch.setattr(sync_module, "_REPORT_S", 0.0)
+    upper = tmp_path / "upper"
+    for d in range(20):
+        (upper / f"d{d}").mkdir(parents=True)
+        for f in range(300):  # slices of a big directory run on several workers
+            (upper / f"d{d}" / f"f{f}").write_bytes(b"x" * 100)
+    seen: list[dict] = []
+    syncer = UpperSync(upper, tmp_path / "store" / "upper-sync", journal=False,
+                       workers=4, progress=seen.append)
+    stats = syncer.sync()
+    syncer.close()
+    assert stats.copied == 6000 and stats.errors == 0
+    assert len(seen) > 10
+    copied = [p["copied"] for p in seen]
+    assert copied == sorted(copied) and copied[-1] > 0 and seen[-1]["bytes"] > 0
+    assert all(p["seen"] <= 6020 for p in seen)
+    _check(upper, tmp_path / "store" / "upper-sync")
+    # The store keeps the last report for the admin pages, while it is fresh.
+    store = open_store(tmp_path / "store2")
+    store.record_progress("alice", seen[-1])
+    assert store.sync_progress("alice")["copied"] == seen[-1]["copied"]
+    store.clear_progress("alice")
+    assert store.sync_progress("alice") is None
+    # labvm storage sync prints it: plain lines when not on a terminal.
+    env = dict(__import__("os").environ, LABVM_SYNC_REPORT_S="0")
+    r = subprocess.run([sys.executable, "-m", "labvm_spawner.cli", "storage", "sync", "--store",
+                        str(tmp_path / "store3"), "--upper", str(upper), "--key", "bob"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "syncing: " in r.stderr and "entries" in r.stderr and "/s" in r.stderr
+
+
+def test_first_sync_keeps_every_mode_whatever_the_umask(tmp_path: Path) -> None:
+    """New files are created with their final mode where the umask allows; whatever the
+    process's umask, every mode (set-id and sticky bits included) arrives as it was."""
+    modes = [0o644, 0o600, 0o000, 0o777, 0o4755, 0o2750, 0o1777, 0o640, 0o755, 0o444]
+    upper = tmp_path / "upper"
+    (upper / "d").mkdir(parents=True)
+    for i, mode in enumerate(modes):
+        f = upper / "d" / f"f{i}"
+        f.write_bytes(b"x" * i)
+        os.chown(f, 1000 + i, 1000)
+        os.chmod(f, mode)
+    for umask in (0o022, 0o077, 0o000, 0o002):
+        mirror = tmp_path / f"store{umask:o}" / "upper-sync"
+        mirror.parent.mkdir()
+        old = os.umask(umask)
+        try:
+            syncer = UpperSync(upper, mirror, journal=False, workers=2)
+            stats = syncer.sync()
+            syncer.close()
+        finally:
+            os.umask(old)
+        assert stats.errors == 0
+        for i, mode in enumerate(modes):
+            got = os.lstat(mirror / "d" / f"f{i}")
+            assert (stat.S_IMODE(got.st_mode), got.st_uid) == (mode, 1000 + i), (umask, i)
+        _check(upper, mirror)

@@ -162,13 +162,21 @@
     return (state.cluster_nodes || []).filter((n) => n.up && !n.drained && n.name !== r.node);
   }
 
+  // A long (first) sync: entries, bytes, rate, and about how long is left.
+  function syncProgress(p) {
+    const eta = p.eta_s == null ? "" : `, about ${p.eta_s < 90 ? Math.round(p.eta_s) + " s" : Math.round(p.eta_s / 60) + " min"} left`;
+    return `${Number(p.copied).toLocaleString()} of at least ${Number(p.seen).toLocaleString()} entries, `
+      + `${gib(p.bytes)}, ${Math.round(p.rate)}/s${eta}`;
+  }
+
   function rootRow(u, r, state) {
     const restoreOk = state.restore_supported;
     const c = r.container;
     const pin = (state.pins || {})[u.name];
     const targets = migrateTargets(state, r).map((n) => `<option value="${esc(n.name)}">${esc(n.name)}</option>`).join("");
     const synced = (r.last_synced ? when(r.last_synced * 1000) + (r.last_synced_node ? " on " + r.last_synced_node : "") : "never")
-      + (r.last_sync_errors ? ` (last sync had ${Number(r.last_sync_errors)} error${r.last_sync_errors === 1 ? "" : "s"})` : "");
+      + (r.last_sync_errors ? ` (last sync had ${Number(r.last_sync_errors)} error${r.last_sync_errors === 1 ? "" : "s"})` : "")
+      + (r.sync_progress ? `; syncing now: ${syncProgress(r.sync_progress)}` : "");
     const versions = r.versions.map((v) => (v === r.current_version ? `<b>${v}</b>` : v)).join(", ") || "none";
     const options = r.versions.filter((v) => v !== r.current_version).map((v) => `<option>${v}</option>`).join("");
     const canRestore = restoreOk && !r.running && options;
