@@ -3,7 +3,9 @@ tree, onto MooseFS and onto local disk, alternating which goes first.
 
 The upper holds small files spread over directories of 100 entries, a few directories
 of 5,000 entries, a chain of deep directories and a few large sparse files. Each run
-copies into a fresh directory; the copies are checked equal to the upper. Prints files/s
+copies into a fresh directory and is timed until its data is on disk (a backup is done
+when it is durable, and otherwise one run pays for the last one's writeback); the copies
+are checked equal to the upper. Prints files/s
 for both; the last line is ``full_sync_ratio=X`` (ours / cp -a on MooseFS; goal <= 0.5).
 The local figure is printed as ``local_ratio`` (goal <= 1.0).
 
@@ -65,10 +67,12 @@ def run_target(name: str, upper: Path, work: Path, runs: int, entries: int) -> f
             syncer = UpperSync(upper, ours, journal=False)
             stats = syncer.sync()
             syncer.close()
+            os.sync()
             assert stats.errors == 0, stats
 
         def do_cp(theirs: Path = theirs) -> None:
             subprocess.run(["cp", "-a", str(upper), str(theirs)], check=True)
+            os.sync()
 
         for label, t in alternate(r, {"ours": do_ours, "cp": do_cp}, times).items():
             print(f"{name} run {r}: {label} {t:.1f}s ({entries / t:.0f} entries/s)", flush=True)

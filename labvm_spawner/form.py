@@ -110,6 +110,8 @@ def render_form(
         ("Disk IO weight", "default" if limits.blkio_weight is None else str(limits.blkio_weight)),
         ("Disk read", _rate(limits.io_read_bps)),
         ("Disk write", _rate(limits.io_write_bps)),
+        ("Disk space", "unlimited" if limits.disk_bytes is None
+         else format_bytes(limits.disk_bytes)),
     ]
     parts.append('<table class="table table-condensed labvm-limits">')
     parts.append("<caption>Limits for your server</caption>")

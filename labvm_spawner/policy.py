@@ -4,7 +4,7 @@ Layers, later ones winning per key: built-in defaults, ``default``, the user's g
 (several groups: the most generous value per key among those that set it), the admin
 override (admins only), then the user's own entry. Example::
 
-    c.LabVMSpawner.policy = {"cpus": 4, "mem": "16G", "pids": 4096, "max_gpus": 1}
+    c.LabVMSpawner.policy = {"cpus": 4, "mem": "16G", "pids": 4096, "disk": "50G", "max_gpus": 1}
     c.LabVMSpawner.group_policy = {"staff": {"mem": "64G", "max_gpus": 4, "io_read_bps": None}}
     c.LabVMSpawner.user_policy = {"alice": {"gpu_models": ["NVIDIA A100-SXM4-80GB"]}}
 """
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import LabVMError
-from .node.protocol import MIN_MEM, Limits
+from .node.protocol import MIN_DISK, MIN_MEM, Limits
 
 
 @dataclass
@@ -35,6 +35,7 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "blkio_weight": None,
     "io_read_bps": None,
     "io_write_bps": None,
+    "disk": None,
     "max_gpus": 0,
     "gpu_models": None,
     "gpu_sharing": False,
@@ -117,6 +118,14 @@ def _check_value(where: str, key: str, value: Any) -> Any:
             return None
         v = _size(where, key, value)
         return v or None  # 0 means no limit, as with docker
+    if key == "disk":
+        if value is None:
+            return None
+        v = _size(where, key, value)
+        if v < MIN_DISK:
+            raise LabVMError(f"{_where(where, key)}: {value!r} is below the minimum of "
+                             f"{MIN_DISK >> 20}M (None means no quota)")
+        return v
     if key == "max_gpus":
         return _number(where, key, value, integer=True)
     if key == "gpu_models":
@@ -173,6 +182,7 @@ _GENEROUS: dict[str, Callable[[list[Any]], Any]] = {
     "blkio_weight": lambda vs: max((v for v in vs if v is not None), default=None),
     "io_read_bps": _max_or_none_wins,  # None = unlimited
     "io_write_bps": _max_or_none_wins,
+    "disk": _max_or_none_wins,
     "max_gpus": max,
     "gpu_models": _union_models,
     "gpu_sharing": all,  # an exclusive GPU is the better deal
@@ -229,6 +239,7 @@ def resolve_policy(
         blkio_weight=values["blkio_weight"],
         io_read_bps=values["io_read_bps"],
         io_write_bps=values["io_write_bps"],
+        disk_bytes=values["disk"],
     )
     gpu = GpuPolicy(
         max_gpus=values["max_gpus"],

@@ -27,6 +27,7 @@ have ip || pkgs+=(iproute2)
 have openssl || pkgs+=(openssl)  # node agents make their TLS certificates
 have nsenter || pkgs+=(util-linux)
 have iptables || pkgs+=(iptables)
+have mkfs.btrfs || pkgs+=(btrfs-progs)  # the uppers' file system, with disk quotas
 if ((WITH_TEST)); then
   have mfsmaster || pkgs+=(moosefs-master)
   have mfschunkserver || pkgs+=(moosefs-chunkserver)
@@ -86,6 +87,15 @@ if ! docker info --format '{{.SecurityOptions}}' | grep -q userns; then
   echo "dockerd runs without userns-remap: LabVM refuses to run containers whose root is host root." >&2
   echo "Restart dockerd with \"userns-remap\": \"default\" (see /etc/labvm/dockerd.json)." >&2
   exit 1
+fi
+
+# --- the uppers' file system, with disk quotas --------------------------------
+# A btrfs with quotas at $STATE/uppers (a sparse file here; scripts/upperfs.sh says how
+# to give it a disk). LABVM_UPPERS_FS=plain keeps uppers on the node's disk, unlimited.
+if [[ ${LABVM_UPPERS_FS:-quota} == quota ]] && ! scripts/upperfs.sh status "$STATE" >/dev/null 2>&1; then
+  say "making the uppers' file system (btrfs with quotas) at $STATE/uppers"
+  scripts/upperfs.sh up "$STATE" >/dev/null ||
+    say "WARNING: no disk quotas on this node; servers with a 'disk' policy are refused here"
 fi
 
 # --- images (cached by content) ---------------------------------------------

@@ -117,13 +117,15 @@ def test_limits_table_in_human_units():
         "Disk IO weight": "default",
         "Disk read": "100 MiB/s",
         "Disk write": "unlimited",
+        "Disk space": "unlimited",
     }
-    half = Limits(0.5, 1536 * M, 100, 500, None, 20 * M)
+    half = Limits(0.5, 1536 * M, 100, 500, None, 20 * M, disk_bytes=50 * G)
     f = Form(render_form(half, GpuPolicy(0, None, False), {}, {}))
     assert f.rows["CPUs"] == "0.5"
     assert f.rows["Memory"] == "1.5 GiB"
     assert f.rows["Disk IO weight"] == "500"
     assert f.rows["Disk write"] == "20 MiB/s"
+    assert f.rows["Disk space"] == "50 GiB"
 
 
 def test_everything_escaped():

@@ -150,6 +150,20 @@ def test_io_and_weight():
     assert limits.io_write_bps is None  # 0 means unlimited, as with docker
 
 
+def test_disk_quota_key():
+    limits, _ = resolve(default=DEFAULT)
+    assert limits.disk_bytes is None  # no quota unless the admin sets one
+    limits, _ = resolve(default={**DEFAULT, "disk": "20G"})
+    assert limits.disk_bytes == 20 * G
+    # Groups: the most generous wins, and None (no quota) is the most generous.
+    limits, _ = resolve(groups=["ml", "staff"], default={**DEFAULT, "disk": "20G"},
+                        group_overrides={"ml": {"disk": "100G"}, "staff": {"disk": "50G"}})
+    assert limits.disk_bytes == 100 * G
+    limits, _ = resolve(groups=["ml", "staff"], default={**DEFAULT, "disk": "20G"},
+                        group_overrides={"ml": {"disk": "100G"}, "staff": {"disk": None}})
+    assert limits.disk_bytes is None
+
+
 @pytest.mark.parametrize(
     "entry,message",
     [
@@ -165,6 +179,8 @@ def test_io_and_weight():
         ({"mem": "1M"}, "below docker's minimum"),
         ({"io_read_bps": "-1M"}, "'io_read_bps': size must not be negative"),
         ({"blkio_weight": 5}, "outside docker's range 10..1000"),
+        ({"disk": "10M"}, "'disk': '10M' is below the minimum of 16M"),
+        ({"disk": "lots"}, "'disk': not a size: 'lots'"),
         ({"gpu_models": []}, "'gpu_models': must be None"),
         ({"gpu_models": [3]}, "'gpu_models': must be None"),
         ({"gpu_sharing": "yes"}, "'gpu_sharing': 'yes' is not true/false"),

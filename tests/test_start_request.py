@@ -14,7 +14,8 @@ GOOD = {
     "cmd": ["jupyterhub-singleuser"], "env": {"JUPYTERHUB_USER": "alice"},
     "secrets": {"JUPYTERHUB_API_TOKEN": "t"},
     "limits": {"cpus": 2, "mem_bytes": 4 << 30, "pids": 2048, "blkio_weight": None,
-               "io_read_bps": None, "io_write_bps": 200_000_000},
+               "io_read_bps": None, "io_write_bps": 200_000_000,
+               "disk_bytes": None},
     "gpus": 1, "model": "NVIDIA A100", "sharing": False, "timeout_s": 30,
 }
 

@@ -107,6 +107,18 @@ def disk(state_dir: str, min_free: float = 0.10) -> Check:
     return Check("disk for uppers", True, f"{gib:.1f} GiB free ({free:.0%}) on {state_dir}")
 
 
+def disk_quotas(state_dir: str) -> Check:
+    """Whether this node can give servers a disk quota (policy key ``disk``)."""
+    from .quota import NO_QUOTA_FS, Quotas
+
+    uppers = Path(state_dir) / "uppers"
+    if Quotas(uppers).enabled():
+        return Check("disk quotas", True, f"{uppers} is a btrfs with quotas on")
+    return Check("disk quotas", False, f"{uppers} {NO_QUOTA_FS}: one user can fill the "
+                 "node's disk, and servers with a disk quota are refused here",
+                 f"stop this node's servers, then: scripts/upperfs.sh up {state_dir}")
+
+
 def enrollment(token_hash_file: str, tls_dir: str) -> Check:
     cert = Path(tls_dir) / "node.crt"
     try:
@@ -148,6 +160,7 @@ def run_all(settings: Any, hub_url: str = "") -> list[Check]:
     checks.append(gpu_runtime(gpus, set((info or {}).get("Runtimes") or {})))
     checks.append(clock(hub_url))
     checks.append(disk(settings.state_dir))
+    checks.append(disk_quotas(settings.state_dir))
     checks.append(enrollment(settings.token_hash_file,
                              settings.tls_dir or f"{settings.state_dir}/tls"))
     if client is not None:

@@ -30,6 +30,7 @@ from . import containerspec, netpolicy, nvml, overlay
 from .allocations import GpuAllocator
 from .network import ensure_network
 from .protocol import SERVER_PORT, Emit, Limits, NodeConfig, StartRequest
+from .quota import NO_QUOTA_FS
 from .rootfs import prepare_rootfs
 from .secrets import Secrets
 from .syncing import Syncing
@@ -162,6 +163,9 @@ class NodeOps:
         if limits.mem_bytes > mem:
             raise LabVMError(f"{limits.mem_bytes >> 20} MiB of memory asked; node "
                              f"{self.config.name} has {mem >> 20} MiB")
+        if limits.disk_bytes is not None and not self.uppers.quotas.enabled():
+            raise LabVMError(f"node {self.config.name} cannot enforce a disk quota: its "
+                             f"uppers ({self.uppers.quotas.uppers}) {NO_QUOTA_FS}")
         if req.gpus > len(inventory):
             raise LabVMError(f"{req.gpus} GPU(s) asked; node {self.config.name} has "
                              f"{len(inventory)}")
@@ -201,6 +205,11 @@ class NodeOps:
             self._remove_container(key)
             took_over = self.uppers.own(key, emit)
             crashpoint("node.start.owned")
+            # Before the mount: the container never writes a byte that is not charged.
+            quota = self.uppers.quotas.apply(key, limits.disk_bytes)
+            if quota is not None and quota.limit_bytes is not None:
+                emit(45, f"Disk quota {quota.limit_bytes >> 20} MiB, "
+                         f"{quota.used_bytes >> 20} MiB used")
             layers = self.store.layers(key)
 
             emit(50, f"Mounting root filesystem ({len(layers)} stored layer(s))")

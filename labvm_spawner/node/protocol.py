@@ -42,6 +42,9 @@ def are_free(n: int) -> str:
     return "none is free" if n == 0 else f"only {n} {'is' if n == 1 else 'are'} free"
 
 
+MIN_DISK = 16 << 20  # a quota below this leaves no room to start JupyterLab
+
+
 @dataclass
 class Limits:
     """One server's resource limits, as Docker applies them."""
@@ -52,6 +55,7 @@ class Limits:
     blkio_weight: int | None  # None: docker's default weight
     io_read_bps: int | None  # None: unlimited; applies to the device of the user's upper dir
     io_write_bps: int | None
+    disk_bytes: int | None = None  # None: unlimited; the upper's XFS project quota
 
 
 @dataclass
@@ -166,7 +170,9 @@ def _limits(data: object) -> Limits:
           and type(lim.mem_bytes) is int and lim.mem_bytes >= MIN_MEM
           and type(lim.pids) is int and 0 < lim.pids <= 1 << 22
           and all(v is None or (type(v) is int and v > 0)
-                  for v in (lim.blkio_weight, lim.io_read_bps, lim.io_write_bps)))
+                  for v in (lim.blkio_weight, lim.io_read_bps, lim.io_write_bps))
+          and (lim.disk_bytes is None or (type(lim.disk_bytes) is int
+                                          and MIN_DISK <= lim.disk_bytes <= 1 << 60)))
     if not ok or (lim.blkio_weight is not None and not 10 <= lim.blkio_weight <= 1000):
         raise LabVMError(f"bad start request: limits out of range: {data}")
     return lim

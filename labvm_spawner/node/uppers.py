@@ -1,10 +1,12 @@
 """A node's uppers (the users' writable layers, on its local disk) and who owns them.
 
 Per key, under ``<state_dir>/uppers/<key>/``: ``upper/`` and ``work/`` of the overlay,
-``gen`` (the ownership generation this upper belongs to) and ``synced-clean`` (its
-last sync after a stop copied everything). The store's ``owner.json`` says which
-node and generation own the key; an upper is live only when both agree. That is
-what fences a node that comes back after its roots were evacuated.
+``gen`` (the ownership generation
+this upper belongs to) and ``synced-clean`` (its last sync after a stop copied
+everything). On a node with disk quotas ``uppers/<key>`` is a btrfs subvolume
+(node/quota.py). Set-aside uppers go to ``<state_dir>/uppers/.aside/``. The store's
+``owner.json`` says which node and generation own the key; an upper is live only when
+both agree. That is what fences a node that comes back after its roots were evacuated.
 
 Its own state is on disk; callers hold the key's lock (``NodeOps.key_lock``).
 """
@@ -20,8 +22,10 @@ from pathlib import Path
 from ..storage.safepath import remove_tree
 from ..storage.store import LayerStore
 from .overlay import RootPaths
+from .quota import Quotas
 
 log = logging.getLogger("labvm.node")
+ASIDE = ".aside"  # under uppers/; no key starts with a dot
 
 
 class Uppers:
@@ -29,6 +33,7 @@ class Uppers:
         self.state = state_dir
         self.store = store
         self.node = node
+        self.quotas = Quotas(state_dir / "uppers")
 
     def paths(self, key: str) -> RootPaths:
         return RootPaths.for_key(self.state, key)
@@ -45,7 +50,7 @@ class Uppers:
 
     def _set_generation(self, key: str, gen: int) -> None:
         base = self._base(key)
-        base.mkdir(parents=True, exist_ok=True)
+        self.quotas.make_base(base)  # a subvolume, where quotas are on
         (base / "gen").write_text(f"{gen}\n")
 
     def is_live(self, key: str) -> bool:
@@ -85,7 +90,9 @@ class Uppers:
         if self.is_clean(key) or not _has_entries(self.paths(key).upper):
             remove_tree(base)  # the upper is the user's tree: never follow its symlinks
             return
-        aside = self.state / "uppers-aside" / f"{key}-{int(time.time())}"
+        # Inside uppers/: on a node with quotas that is its own file system, and a
+        # rename keeps the subvolume (and what it holds) whole.
+        aside = self.state / "uppers" / ASIDE / f"{key}-{int(time.time())}"
         aside.parent.mkdir(parents=True, exist_ok=True)
         os.rename(base, aside)
         log.warning("%s: a stale upper with unsynced changes was kept at %s", key, aside)

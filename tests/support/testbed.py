@@ -292,7 +292,7 @@ class Testbed:
                 _run("umount", "-l", mp)
         if os.path.ismount(self.node_mnt(n)):
             _run("umount", "-l", str(self.node_mnt(n)))
-        for sub in ("uppers", "uppers-aside", "mnt", "labvm.sqlite", "tls"):
+        for sub in ("uppers", "mnt", "labvm.sqlite", "tls"):
             p = state / sub
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
