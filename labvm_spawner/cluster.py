@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from sqlalchemy import Boolean, Float, Integer, String, Text, delete, select
+from sqlalchemy import BigInteger, Boolean, Float, Integer, String, Text, delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -55,6 +55,16 @@ class Pin(_Base):
     __tablename__ = "labvm_pins"
     user: Mapped[str] = mapped_column(String(64), primary_key=True)
     node: Mapped[str] = mapped_column(String(64))
+
+
+class DiskQuota(_Base):
+    """An admin's disk quota for one root, over the policy's (null: no quota)."""
+
+    __tablename__ = "labvm_disk_quotas"
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    disk_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    by: Mapped[str] = mapped_column(String(64), default="")
+    t: Mapped[float] = mapped_column(Float, default=0.0)
 
 
 class NodeFlag(_Base):
@@ -310,6 +320,20 @@ class Cluster:
             s.execute(delete(Pin).where(Pin.user == user))
             if node:
                 s.add(Pin(user=user, node=node))
+
+    def disk_quota(self, key: str) -> tuple[bool, int | None]:
+        """(set, bytes) of an admin's disk quota for ``key``; bytes None is no quota."""
+        with Session(self.engine) as s:
+            row = s.get(DiskQuota, key)
+            return (True, row.disk_bytes) if row else (False, None)
+
+    def disk_quotas(self) -> dict[str, int | None]:
+        with Session(self.engine) as s:
+            return {q.key: q.disk_bytes for q in s.scalars(select(DiskQuota))}
+
+    def set_disk_quota(self, key: str, disk_bytes: int | None, by: str) -> None:
+        with Session(self.engine) as s, s.begin():
+            s.merge(DiskQuota(key=key, disk_bytes=disk_bytes, by=by, t=time.time()))
 
     def drained(self) -> set[str]:
         with Session(self.engine) as s:

@@ -137,10 +137,15 @@ class LabVMSpawner(NodeSettings, Spawner):
 
     def _resolve_policy(self):
         groups = [g.name for g in getattr(self.user, "groups", [])]
-        return resolve_policy(
+        limits, gpu = resolve_policy(
             self.user.name, groups, bool(getattr(self.user, "admin", False)), self.policy,
             self.group_policy, self.admin_policy, self.user_policy,
         )
+        # A disk quota an admin set for this root on the Users page outlasts the policy.
+        is_set, disk = self.cluster.disk_quota(self.key)
+        if is_set:
+            limits = replace(limits, disk_bytes=disk)
+        return limits, gpu
 
     @staticmethod
     def _gpu_models(nodes: dict[str, NodeView]) -> list[str]:

@@ -103,12 +103,18 @@ def hub_factory(docker_client, labvm_image, chp, fake_gpu_dev):
 
     made: list[tuple] = []
 
-    def make(port: int = 18000, env: dict[str, str] | None = None):
+    def make(port: int = 18000, env: dict[str, str] | None = None, upperfs: str | None = None):
+        """``upperfs``: a size; the node's uppers then go on their own btrfs with quotas
+        (scripts/upperfs.sh, as setup.sh makes for a lab), so 'disk' policies apply."""
         node = f"test-{uuid.uuid4().hex[:8]}"
         base = TEST_ROOT / node
         # The exact image this checkout built, not the shared "latest" tag.
         hub = node_hub(base, node, labvm_image, TEST_ROOT / "rootfs", port, env=env)
         made.append((hub, base, node))
+        if upperfs:
+            up = subprocess.run([str(REPO / "scripts" / "upperfs.sh"), "up",
+                                 str(base / "state"), upperfs], capture_output=True, text=True)
+            require(up.returncode == 0, f"a btrfs for uppers ({up.stderr.strip()[-300:]})")
         hub.start()
         return hub
 

@@ -40,6 +40,10 @@ c.LabVMSpawner.dev_root = os.environ["LABVM_TEST_DEV"]
 c.LabVMSpawner.policy = {"cpus": 1, "mem": "1G", "pids": 1024, "max_gpus": 8,
                          "io_write_bps": "200M"}
 c.LabVMSpawner.group_policy = {"big": {"cpus": 2, "mem": "2G"}}
+if os.environ.get("LABVM_TEST_USER_POLICY"):
+    import json
+
+    c.LabVMSpawner.user_policy = json.loads(os.environ["LABVM_TEST_USER_POLICY"])
 c.Spawner.start_timeout = 120
 c.Spawner.http_timeout = 30
 c.LabVMSpawner.image = os.environ["LABVM_TEST_IMAGE"]

@@ -19,7 +19,9 @@ from traitlets import Float, Unicode
 from traitlets.config import LoggingConfigurable
 
 from .. import db
+from ..errors import LabVMError
 from ..node.allocations import GpuAllocator
+from ..node.quota import Quotas
 from . import procfs
 from .cgroups import CgroupReader, CgroupReading
 from .gpus import GpuSampler
@@ -83,6 +85,9 @@ class Sample:
     host: NodeSample
     gpus: list[GpuSample]
     containers: list[ContainerSample]
+    # key -> (bytes used, quota or 0) of every root whose upper is on this node, running
+    # or not; empty where the node has no disk quotas (node/quota.py)
+    disk: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,6 +134,7 @@ class Collector(LoggingConfigurable):
         self._listed_at = 0.0
         self._prev_cpu: dict[str, tuple[float, int]] = {}  # id -> (monotonic, cpu_ns)
         self._prev_node: procfs.CpuTimes | None = None
+        self.quotas = Quotas(Path(self.state_dir) / "uppers")
 
     # ---- sources -------------------------------------------------------------
 
@@ -177,6 +183,11 @@ class Collector(LoggingConfigurable):
         now = time.monotonic()
         if now - self._listed_at >= self.container_refresh_s:
             self.refresh_containers()
+        try:
+            disk = self.quotas.all_usage()
+        except LabVMError as e:
+            self.log.warning("reading disk quotas: %s", e)
+            disk = {}
         containers = [c for c in map(self._container, self._known.values()) if c is not None]
         return Sample(
             t=time.time(),
@@ -184,6 +195,7 @@ class Collector(LoggingConfigurable):
             host=self._node(),
             gpus=self._gpus(),
             containers=containers,
+            disk={k: (u.used_bytes, u.limit_bytes or 0) for k, u in disk.items()},
         )
 
     def _container(self, known: _Known) -> ContainerSample | None:

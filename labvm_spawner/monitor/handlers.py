@@ -14,8 +14,10 @@ from jupyterhub.services.auth import HubOAuthenticated
 from tornado import web
 
 from ..errors import LabVMError
-from ..names import check_username, is_node_name, root_key
+from ..names import check_username, is_key, is_node_name, root_key
 from ..node import auth
+from ..node.protocol import MIN_DISK
+from ..policy import parse_size
 
 
 def refused(status: int, message: str) -> web.HTTPError:
@@ -237,6 +239,33 @@ class RestoreHandler(BaseHandler):
         self.monitor.log.info("%s restored %s version %d as %d", admin["name"], key, version,
                               new)
         self.write({"key": key, "restored": version, "current_version": new})
+
+
+class QuotaHandler(BaseHandler):
+    """{"key", "disk": "50G" | null (no quota)} -> the quota in force; a refusal -> 400/409."""
+
+    @web.authenticated
+    async def post(self) -> None:
+        admin = self.admin_user()
+        body = self.json_body()
+        key = self.text_field(body, "key")
+        if not is_key(key):
+            raise refused(400, f"not a server's root: {key[:80]!r}")
+        if "disk" not in body:
+            raise refused(400, "'disk' is required: a size such as \"50G\", or null for none")
+        try:
+            disk = None if body["disk"] is None else parse_size(body["disk"])
+        except ValueError as e:
+            raise refused(400, f"disk quota: {e}") from None
+        if disk is not None and disk < MIN_DISK:
+            raise refused(400, f"a disk quota must be at least {MIN_DISK >> 20} MiB")
+        try:
+            result = await self.monitor.set_disk_quota(key, disk, admin["name"])
+        except LabVMError as e:  # below usage (409), or the node could not
+            raise refused(409 if getattr(e, "status", 400) == 409 else 400, str(e)) from e
+        self.monitor.log.info("%s set the disk quota of %s to %s", admin["name"], key,
+                              "none" if disk is None else f"{disk >> 20} MiB")
+        self.write(result)
 
 
 class JoinTokenHandler(BaseHandler):

@@ -42,6 +42,13 @@ _CONTAINER_GAUGES = (
     ("labvm_container_pids", "Processes and threads in the container.", lambda c: c.pids),
 )
 
+# (name, help, index into Sample.disk's (used, limit)), for every root on the node
+_DISK_GAUGES = (
+    ("labvm_root_disk_used_bytes", "Bytes in the root's writable layer on this node, "
+     "running or not (only on nodes with disk quotas).", 0),
+    ("labvm_root_disk_limit_bytes", "The root's disk quota (0 = none).", 1),
+)
+
 _NODE_GAUGES = (
     ("labvm_node_cpu_percent", "CPU use of the whole node (0-100).", lambda h: h.cpu_percent),
     ("labvm_node_memory_used_bytes", "Memory in use on the node.", lambda h: h.mem_used),
@@ -72,6 +79,12 @@ class SampleCollector:
             fam = GaugeMetricFamily(name, text, labels=CONTAINER_LABELS)
             for c in s.containers:
                 fam.add_metric([s.node, c.user, c.server, c.key], value(c))
+            yield fam
+        for name, text, i in _DISK_GAUGES:
+            fam = GaugeMetricFamily(name, text, labels=CONTAINER_LABELS)
+            for key, figures in sorted(s.disk.items()):
+                user, _, server = key.partition(".")
+                fam.add_metric([s.node, user, server, key], figures[i])
             yield fam
         for name, text, value in _NODE_GAUGES:
             fam = GaugeMetricFamily(name, text, labels=["node"])

@@ -1,8 +1,9 @@
-"""The idle-GPU warning a user really sees: a file at the top of their home directory,
-which is where JupyterLab's file browser opens, written into their running container.
+"""Warnings a user really sees: a file at the top of their home directory, which is
+where JupyterLab's file browser opens, written into their running container.
 
-It goes through the overlay into the user's upper, like any file they make; it is
-removed again if the GPUs get busy before the stop.
+Idle GPUs (removed again if the GPUs get busy before the stop) and a disk quota 90%
+full (removed when usage drops back). The file goes through the overlay into the
+user's upper, like any file they make.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import docker.errors
 log = logging.getLogger(__name__)
 
 NOTICE_NAME = "LABVM-IDLE-GPU-WARNING.txt"
+DISK_NOTICE_NAME = "LABVM-DISK-QUOTA-WARNING.txt"
 
 _TEXT = """Your GPUs on this server have been idle since {since}.
 
@@ -25,6 +27,13 @@ unless your GPUs are used before then.
 Your files are kept: everything in this server's file system is still there when you
 start it again from the hub's home page. Delete this file whenever you like; it is
 removed by itself if your GPUs become busy again.
+"""
+
+_DISK_TEXT = """Your server's disk is {pct:.0f}% full: {used} of your {limit} quota.
+
+When it is full, writing any file fails with "Disk quota exceeded". Delete what you no
+longer need (conda caches, checkpoints, downloaded data sets), or ask your admin for a
+bigger quota. This file goes away by itself when you are back under 85%.
 """
 
 # Runs as root in the container: the home of $LABVM_USER (set by the spawner) gets the file.
@@ -45,28 +54,44 @@ def text(idle_since: float, stop_at: float) -> str:
                         stop=time.strftime(fmt, time.gmtime(stop_at)))
 
 
-def write(client: docker.DockerClient, key: str, node: str, stop_at: float,
-          idle_since: float | None = None) -> bool:
+def disk_text(used: int, limit: int) -> str:
+    def gib(n: int) -> str:
+        return f"{n / 2**30:.1f} GiB"
+
+    return _DISK_TEXT.format(pct=100 * used / limit, used=gib(used), limit=gib(limit))
+
+
+def put(client: docker.DockerClient, key: str, node: str, name: str, body: str) -> bool:
+    """Write the notice ``name`` into the home of ``key``'s user; False if not running."""
     c = _container(client, key, node)
     if c is None:
         return False
-    body = text(idle_since if idle_since is not None else time.time(), stop_at)
     try:
-        r = c.exec_run(["sh", "-c", _WRITE.format(name=NOTICE_NAME)], user="0",
+        r = c.exec_run(["sh", "-c", _WRITE.format(name=name)], user="0",
                        environment={"LABVM_NOTICE": body})
     except docker.errors.APIError as e:
-        log.warning("could not write the idle notice of %s: %s", key, e)
+        log.warning("could not write %s for %s: %s", name, key, e)
         return False
     if r.exit_code != 0:
-        log.warning("could not write the idle notice of %s: %s", key, r.output[-300:])
+        log.warning("could not write %s for %s: %s", name, key, r.output[-300:])
     return r.exit_code == 0
 
 
-def remove(client: docker.DockerClient, key: str, node: str) -> None:
+def drop(client: docker.DockerClient, key: str, node: str, name: str) -> None:
     c = _container(client, key, node)
     if c is None:
         return
     try:
-        c.exec_run(["sh", "-c", _REMOVE.format(name=NOTICE_NAME)], user="0")
+        c.exec_run(["sh", "-c", _REMOVE.format(name=name)], user="0")
     except docker.errors.APIError as e:
-        log.warning("could not remove the idle notice of %s: %s", key, e)
+        log.warning("could not remove %s of %s: %s", name, key, e)
+
+
+def write(client: docker.DockerClient, key: str, node: str, stop_at: float,
+          idle_since: float | None = None) -> bool:
+    body = text(idle_since if idle_since is not None else time.time(), stop_at)
+    return put(client, key, node, NOTICE_NAME, body)
+
+
+def remove(client: docker.DockerClient, key: str, node: str) -> None:
+    drop(client, key, node, NOTICE_NAME)

@@ -28,6 +28,7 @@ from traitlets.config import Application
 from .. import db
 from ..cluster import Cluster
 from ..migration import Migrator
+from ..node.client import NodeRefused
 from ..storage import open_store
 from . import handlers, notice
 from .collector import Collector, Sample
@@ -35,7 +36,7 @@ from .history import History, RecentSamples
 from .hubapi import HubApi
 from .metrics import exposition
 from .reclaim import Decision, IdleReclaim
-from .state import cluster_node_view, gpu_view, node_view, user_view
+from .state import DISK_CLEAR, DISK_WARN, cluster_node_view, gpu_view, node_view, user_view
 
 HERE = Path(__file__).resolve().parent
 
@@ -120,6 +121,7 @@ class MonitorService(Application):
         self.cluster.fail_interrupted()
         self.migrator = Migrator(self.cluster, self.hub, self.migration_timeout_s)
         self.warnings: dict[str, dict[str, Any]] = {}  # key -> the warning its user sees
+        self.disk_warned: set[str] = set()  # keys whose disk notice is in their home
         self.reclaimed: list[dict[str, Any]] = []
 
     @property
@@ -147,6 +149,22 @@ class MonitorService(Application):
         await asyncio.to_thread(self.history.add, sample)
         for d in self.reclaim.decide(sample):
             await self.carry_out(d)
+        await asyncio.to_thread(self.disk_notices, sample)
+
+    def disk_notices(self, sample: Sample) -> None:
+        """A notice in the user's home at 90% of their disk quota, gone again under 85%."""
+        running = {c.key for c in sample.containers}
+        for key, (used, limit) in sample.disk.items():
+            if key not in running:
+                self.disk_warned.discard(key)
+            elif limit and used >= DISK_WARN * limit and key not in self.disk_warned:
+                self.log.info("warning %s: disk %d%% of its quota", key, 100 * used // limit)
+                if notice.put(self.collector.docker, key, self.node_name,
+                              notice.DISK_NOTICE_NAME, notice.disk_text(used, limit)):
+                    self.disk_warned.add(key)
+            elif key in self.disk_warned and (not limit or used < DISK_CLEAR * limit):
+                notice.drop(self.collector.docker, key, self.node_name, notice.DISK_NOTICE_NAME)
+                self.disk_warned.discard(key)
 
     async def carry_out(self, d: Decision) -> None:
         if d.action == "warn":
@@ -218,6 +236,25 @@ class MonitorService(Application):
             raise web.HTTPError(404, f"{key} has no version {version}")
         return await asyncio.to_thread(store.restore, key, version)
 
+    async def set_disk_quota(self, key: str, disk_bytes: int | None, by: str) -> dict[str, Any]:
+        """An admin's disk quota for ``key``: applied live where its upper is, then kept
+        for its next starts. Below what it uses: refused, and nothing changes."""
+        node = self.cluster.placement(key) or self.node_name
+        applied: dict[str, Any] | None = None
+        if node == self.node_name:  # this service's own node: its uppers are right here
+            quotas = self.collector.quotas
+            if await asyncio.to_thread(quotas.usage, key) is not None:
+                u = await asyncio.to_thread(quotas.change, key, disk_bytes)
+                applied = {"used_bytes": u.used_bytes, "limit_bytes": u.limit_bytes}
+        else:
+            try:
+                applied = await self.cluster.client(node).set_quota(key, disk_bytes)
+            except NodeRefused as e:
+                if "has no disk quota on this node" not in str(e):
+                    raise
+        self.cluster.set_disk_quota(key, disk_bytes, by)
+        return {"key": key, "node": node, "disk_bytes": disk_bytes, "applied": applied}
+
     # ---- the web app ---------------------------------------------------------
 
     def make_app(self) -> web.Application:
@@ -232,6 +269,7 @@ class MonitorService(Application):
             (p + "api/admin/stop", H.StopHandler),
             (p + "api/admin/drain", H.DrainHandler),
             (p + "api/admin/restore", H.RestoreHandler),
+            (p + "api/admin/quota", H.QuotaHandler),
             (p + "api/admin/migrate", H.MigrateHandler),
             (p + "api/admin/migrations", H.MigrationsHandler),
             (p + r"api/admin/migrations/(\d+)", H.MigrationHandler),

@@ -11,6 +11,15 @@ from ..names import root_key
 from ..storage import open_store
 from .collector import Sample
 
+DISK_WARN = 0.9  # a user is warned at this share of their disk quota
+DISK_CLEAR = 0.85  # and the notice goes under this one
+
+
+def disk_fields(sample: Sample | None, key: str) -> dict[str, Any]:
+    used, limit = (sample.disk.get(key) if sample else None) or (None, 0)
+    return {"disk": None if used is None else {"used": used, "limit": limit or None},
+            "disk_warning": bool(used is not None and limit and used >= DISK_WARN * limit)}
+
 
 def _keys_of(user: dict[str, Any], known_keys: list[str]) -> list[str]:
     """The user's roots: their servers', and any key the store or a placement knows."""
@@ -69,6 +78,7 @@ def user_view(user: dict[str, Any], sample: Sample | None, store_root: str,
             "versions": store.versions(key),
             "current_version": store.current_version(key),
             "warning": warnings.get(key),
+            **disk_fields(sample, key),
             **_sync_fields(store_root, key),
         })
     return {"name": user["name"], "admin": bool(user.get("admin")), "roots": roots}

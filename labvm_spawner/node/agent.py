@@ -23,7 +23,8 @@ from ..errors import LabVMError
 from . import auth, registry
 from .allocations import GpuUnavailable
 from .ops import NodeOps
-from .protocol import StartRequest
+from .protocol import MIN_DISK, StartRequest
+from .quota import QuotaError
 
 log = logging.getLogger("labvm.node")
 KEY = f"({names.KEY})"
@@ -48,7 +49,7 @@ class _Handler(web.RequestHandler):
         loop = asyncio.get_running_loop()
         try:
             result = await loop.run_in_executor(self.pool, fn, *args)
-        except GpuUnavailable as e:
+        except (GpuUnavailable, QuotaError) as e:
             raise web.HTTPError(409, str(e)) from e
         except LabVMError as e:
             raise web.HTTPError(400, str(e)) from e
@@ -79,6 +80,17 @@ class ActionHandler(_Handler):
             except LabVMError as e:
                 raise web.HTTPError(400, str(e)) from e
             await self.call(self.ops.start, req)
+        elif action == "quota":
+            try:
+                body = json.loads(self.request.body or b"{}")
+            except ValueError:
+                raise web.HTTPError(400, "the body is not JSON") from None
+            disk = body.get("disk_bytes") if isinstance(body, dict) else None
+            if not isinstance(body, dict) or set(body) != {"disk_bytes"} or not (
+                    disk is None or (type(disk) is int and MIN_DISK <= disk <= 1 << 60)):
+                raise web.HTTPError(400, "the body must be {\"disk_bytes\": bytes (at least "
+                                    f"{MIN_DISK >> 20} MiB) or null}}")
+            await self.call(self.ops.set_quota, key, disk)
         else:
             await self.call(getattr(self.ops, action), key)
 
@@ -88,7 +100,7 @@ def make_app(ops: NodeOps, token_hash: str, pool: ThreadPoolExecutor) -> web.App
     return web.Application([
         (r"/v1/info", InfoHandler, args),
         (rf"/v1/servers/{KEY}", ServerHandler, args),
-        (rf"/v1/servers/{KEY}/(start|stop|sync|discard)", ActionHandler, args),
+        (rf"/v1/servers/{KEY}/(start|stop|sync|discard|quota)", ActionHandler, args),
     ])
 
 

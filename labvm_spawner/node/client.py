@@ -61,6 +61,9 @@ class LocalNode:
     async def discard(self, key: str) -> dict:
         return await asyncio.to_thread(self.ops.discard, key)
 
+    async def set_quota(self, key: str, disk_bytes: int | None) -> dict:
+        return await asyncio.to_thread(self.ops.set_quota, key, disk_bytes)
+
 
 class RemoteNode:
     """A node's ``labvm-node`` agent, over TLS with its pinned certificate."""
@@ -122,6 +125,9 @@ class RemoteNode:
 
     async def discard(self, key: str) -> dict:
         return await self._call("POST", f"/v1/servers/{key}/discard")
+
+    async def set_quota(self, key: str, disk_bytes: int | None) -> dict:
+        return await self._call("POST", f"/v1/servers/{key}/quota", {"disk_bytes": disk_bytes})
 
 
 Node = LocalNode | RemoteNode

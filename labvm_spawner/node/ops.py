@@ -353,6 +353,14 @@ class NodeOps:
                 log.info("released GPU(s) %s of %s", ", ".join(released), key)
             return {"synced": synced, "last_synced": self.syncing.last_synced(key)}
 
+    def set_quota(self, key: str, disk_bytes: int | None) -> dict:
+        """Change the disk quota of ``key``'s upper here, live; below its usage: refused."""
+        with self.key_lock(key):
+            u = self.uppers.quotas.change(key, disk_bytes)
+            log.info("%s: disk quota now %s", key,
+                     "none" if u.limit_bytes is None else f"{u.limit_bytes >> 20} MiB")
+            return {"used_bytes": u.used_bytes, "limit_bytes": u.limit_bytes}
+
     def discard(self, key: str) -> dict:
         """Drop this node's copy of a key that another node now owns (after a migration)."""
         with self.key_lock(key):

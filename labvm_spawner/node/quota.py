@@ -19,12 +19,15 @@ Only LabVM's own paths (``uppers/<key>``) are handed to ``btrfs``; the tree insi
 
 from __future__ import annotations
 
+import ctypes
+import os
 import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LabVMError
+from ..names import is_key
 
 
 class QuotaError(LabVMError):
@@ -84,19 +87,40 @@ def is_subvolume(path: Path) -> bool:
         return False
 
 
-# "btrfs qgroup show -rF --raw": qgroupid, referenced, exclusive, max referenced, path
-_SHOW = re.compile(r"^0/(\d+)\s+(\d+)\s+(\d+)\s+(\S+)")
+# "btrfs qgroup show -r --raw": qgroupid, referenced, exclusive, max referenced, path
+_SHOW = re.compile(r"^0/(\d+)\s+(\d+)\s+(\d+)\s+(\S+)(?:\s+(\S.*))?$")
+
+
+def _parse(line: str) -> tuple[str, Usage] | None:
+    m = _SHOW.match(line.strip())
+    if not m:
+        return None
+    limit = m.group(4)
+    return m.group(5) or "", Usage(int(m.group(2)), int(limit) if limit.isdigit() else None)
 
 
 def usage(base: Path) -> Usage:
     """What the subvolume ``base`` uses, and its limit."""
     out = _btrfs("qgroup", "show", "-rF", "--raw", str(base))
     for line in out.splitlines():
-        m = _SHOW.match(line.strip())
-        if m:
-            rfer, limit = int(m.group(2)), m.group(4)
-            return Usage(rfer, int(limit) if limit.isdigit() else None)
+        got = _parse(line)
+        if got:
+            return got[1]
     raise QuotaError(f"no quota group for {base}")
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def commit(base: Path) -> None:
+    """Commit btrfs's transaction, so that the usage read next is not up to 30 s old."""
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(base))
+    finally:
+        os.close(fd)
 
 
 def set_limit(base: Path, limit_bytes: int | None) -> None:
@@ -148,6 +172,7 @@ class Quotas:
         if not self.enabled() or not is_subvolume(base):
             raise QuotaError(f"{key} has no disk quota on this node: {self.uppers} "
                              + NO_QUOTA_FS)
+        commit(base)
         now = usage(base)
         if limit_bytes is not None and limit_bytes < now.used_bytes:
             raise QuotaError(
@@ -157,6 +182,14 @@ class Quotas:
                 + ("unlimited" if now.limit_bytes is None else f"{now.limit_bytes >> 20} MiB"))
         set_limit(base, limit_bytes)
         return usage(base)
+
+    def all_usage(self) -> dict[str, Usage]:
+        """Every root's usage and limit, from one listing (what the monitor samples)."""
+        if not self.enabled():
+            return {}
+        out = _btrfs("qgroup", "show", "-r", "--raw", str(self.uppers))
+        return {path: u for path, u in filter(None, map(_parse, out.splitlines()))
+                if is_key(path)}
 
     def usage(self, key: str) -> Usage | None:
         base = self.uppers / key

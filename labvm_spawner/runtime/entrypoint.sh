@@ -17,16 +17,28 @@ if ! getent passwd "$LABVM_USER" >/dev/null; then
   useradd --create-home $uidopt --user-group --shell /bin/bash "$LABVM_USER"
 fi
 home=$(getent passwd "$LABVM_USER" | cut -d: -f6)
-mkdir -p "$home"
-printf '%s ALL=(ALL:ALL) NOPASSWD:ALL\n' "$LABVM_USER" > /etc/sudoers.d/labvm-user
-chmod 0440 /etc/sudoers.d/labvm-user
+[ -d "$home" ] || mkdir -p "$home"
+
+# Files are written only when they change: with the user's disk quota full, any write
+# fails, and the server must still start so that they can clean up.
+put() { # path mode content
+  if [ "$(cat "$1" 2>/dev/null)" != "$3" ]; then printf '%s\n' "$3" > "$1"; fi
+  [ "$(stat -c %a "$1")" = "$2" ] || chmod "$2" "$1"
+}
+put /etc/sudoers.d/labvm-user 440 "$LABVM_USER ALL=(ALL:ALL) NOPASSWD:ALL"
 
 # The GPU allocation, for login shells too (the device nodes enforce it anyway).
-cat > /etc/profile.d/labvm-gpus.sh <<PROFILE
-export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-}"
-export NVIDIA_VISIBLE_DEVICES="${NVIDIA_VISIBLE_DEVICES:-none}"
-PROFILE
+put /etc/profile.d/labvm-gpus.sh 644 "export CUDA_VISIBLE_DEVICES=\"${CUDA_VISIBLE_DEVICES:-}\"
+export NVIDIA_VISIBLE_DEVICES=\"${NVIDIA_VISIBLE_DEVICES:-none}\""
+
+# Jupyter's runtime files (the server's, kernels' connection files) go on the /run
+# tmpfs, so a kernel or a terminal still opens when the disk quota is full.
+rt="/run/user/$(id -u "$LABVM_USER")"
+mkdir -p "$rt"
+chown "$LABVM_USER": "$rt"
+chmod 700 "$rt"
 
 cd "$home"
 exec setpriv --reuid="$LABVM_USER" --regid="$LABVM_USER" --init-groups \
-  env HOME="$home" USER="$LABVM_USER" LOGNAME="$LABVM_USER" SHELL=/bin/bash "$@"
+  env HOME="$home" USER="$LABVM_USER" LOGNAME="$LABVM_USER" SHELL=/bin/bash \
+  XDG_RUNTIME_DIR="$rt" JUPYTER_RUNTIME_DIR="$rt/jupyter" "$@"

@@ -169,6 +169,13 @@
       + `${gib(p.bytes)}, ${Math.round(p.rate)}/s${eta}`;
   }
 
+  // Bytes in the root's writable layer against its quota (nodes with disk quotas only).
+  function diskText(r) {
+    if (!r.disk) return "";
+    const pctUsed = r.disk.limit ? ` (${Math.round((100 * r.disk.used) / r.disk.limit)}%)` : "";
+    return `${gib(r.disk.used)} of ${r.disk.limit ? gib(r.disk.limit) : "no quota"}${pctUsed}`;
+  }
+
   function rootRow(u, r, state) {
     const restoreOk = state.restore_supported;
     const c = r.container;
@@ -185,6 +192,9 @@
       <td class="num">${c ? pct(c.cpu_percent) + " / " + (c.cpu_limit ? c.cpu_limit + " CPUs" : "no limit") : ""}</td>
       <td class="num">${c ? gib(c.mem_used) + " / " + (c.mem_limit ? gib(c.mem_limit) : "no limit") : ""}</td>
       <td class="num">${c ? c.pids : ""}</td>
+      <td class="num${r.disk_warning ? " warning" : ""}">${esc(diskText(r))}
+        <br><input data-quota-for="${esc(r.key)}" size="6" placeholder="e.g. 50G" aria-label="new disk quota of ${esc(r.key)}">
+        <button data-quota="${esc(r.key)}" title="set this root's disk quota (empty or none: no quota); a running server gets it at once">Set quota</button></td>
       <td>${r.gpus.map((g) => `GPU ${g.index} ${pct(g.util)}`).join("<br>") || "none"}</td>
       <td>${esc(r.last_activity ? when(r.last_activity) : "")}</td><td>${esc(synced)}</td><td>${versions}</td>
       <td><button data-stop="${esc(u.name)}" data-server="${esc(r.server)}" ${r.running ? "" : "disabled"}>Stop</button>
@@ -209,9 +219,9 @@
     // A chosen migration target survives the periodic re-render.
     const chosen = new Map([...document.querySelectorAll("select[data-migrate-to]")].map((s) => [s.dataset.migrateTo, s.value]));
     const rows = state.users.flatMap((u) => (u.roots.length ? u.roots.map((r) => rootRow(u, r, state))
-      : [`<tr><td>${esc(u.name)}</td><td colspan="11" class="note">no server or stored root</td></tr>`]));
+      : [`<tr><td>${esc(u.name)}</td><td colspan="12" class="note">no server or stored root</td></tr>`]));
     document.getElementById("users").innerHTML = `<tr><th>User</th><th>Server</th><th>Node</th><th>State</th><th>CPU / limit</th>
-      <th>Memory / limit</th><th>Pids</th><th>GPUs</th><th>Last activity</th><th>Last sync</th><th>Layer versions (current bold)</th><th>Actions</th></tr>` + rows.join("");
+      <th>Memory / limit</th><th>Pids</th><th>Disk / quota</th><th>GPUs</th><th>Last activity</th><th>Last sync</th><th>Layer versions (current bold)</th><th>Actions</th></tr>` + rows.join("");
     for (const s of document.querySelectorAll("select[data-migrate-to]")) {
       const v = chosen.get(s.dataset.migrateTo);
       if (v && [...s.options].some((o) => o.value === v)) s.value = v;
@@ -228,7 +238,9 @@
     document.getElementById("warnings").innerHTML = me.roots.filter((r) => r.warning).map((r) =>
       `<div class="warning">The GPUs of your server <b>${esc(r.server || "(default)")}</b> have been idle since
        ${when(r.warning.idle_since * 1000)}. It will be stopped at <b>${when(r.warning.stop_at * 1000)}</b> unless they are used.
-       Your files are kept.</div>`).join("");
+       Your files are kept.</div>`).join("") + me.roots.filter((r) => r.disk_warning).map((r) =>
+      `<div class="warning">The disk of your server <b>${esc(r.server || "(default)")}</b> is almost full: ${esc(diskText(r))}.
+       When it is full, writes fail with "Disk quota exceeded". Delete what you no longer need, or ask your admin for more.</div>`).join("");
     const el = document.getElementById("roots");
     el.innerHTML = me.roots.map((r, i) => {
       const c = r.container;
@@ -236,6 +248,7 @@
         <p>${c ? `CPU ${pct(c.cpu_percent)} of ${c.cpu_limit || "unlimited"} CPUs · memory ${gib(c.mem_used)} of ${c.mem_limit ? gib(c.mem_limit) : "unlimited"} · ${c.pids} processes` : ""}</p>
         <p>GPUs: ${r.gpus.map((g) => `GPU ${g.index} (${esc(g.name)}) ${pct(g.util)}, ${mib(g.mem_used)} used`).join("; ") || "none"}</p>
         <p>Layer versions: ${r.versions.join(", ") || "none"} (current ${r.current_version ?? "none"}) · last sync: ${esc(r.last_sync)}</p>
+        ${r.disk ? `<p class="disk">Disk: ${esc(diskText(r))}</p>` : ""}
         <div id="chart-me-${i}" class="chart"></div><div id="chart-me-gpu-${i}" class="chart"></div></div>`;
     }).join("") || "<p>You have no server yet.</p>";
     for (const [i, r] of me.roots.entries()) {
@@ -292,6 +305,14 @@
         status(`Node ${b.dataset.revoke} revoked.`);
       } else if (b.dataset.migrate !== undefined) {
         await migrate(b);
+      } else if (b.dataset.quota !== undefined) {
+        const key = b.dataset.quota;
+        const v = document.querySelector(`input[data-quota-for="${key}"]`).value.trim();
+        const disk = v === "" || v.toLowerCase() === "none" ? null : v;
+        if (!confirm(disk === null ? `Remove the disk quota of ${key}?` : `Set the disk quota of ${key} to ${disk}?`)) return;
+        const r = await post("api/admin/quota", { key, disk });
+        status(`Disk quota of ${key}: ${r.disk_bytes == null ? "none" : gib(r.disk_bytes)}`
+          + (r.applied ? `, in force now (${gib(r.applied.used_bytes)} used).` : ", from its next start."));
       } else if (b.dataset.restore !== undefined) {
         const key = b.dataset.restore;
         const v = Number(document.querySelector(`select[data-versions="${key}"]`).value);
@@ -305,7 +326,7 @@
 
   async function refresh() {
     // Re-rendering the users table would close a version list the admin has open.
-    if (page === "users" && document.activeElement && document.activeElement.tagName === "SELECT") return;
+    if (page === "users" && document.activeElement && ["SELECT", "INPUT"].includes(document.activeElement.tagName)) return;
     try {
       if (page === "me") await renderMe(await api("api/me"));
       else {
