@@ -188,6 +188,40 @@ def test_migration_moves_everything_and_deletions_stay(testbed, hub):
     hub.unspawn("alice")
 
 
+QUOTA_FILL = 'dd if=/dev/zero of="$HOME/{name}" bs=1M count={mb} conv=fsync 2>&1; echo "dd-rc=$?"'
+
+
+def test_the_disk_quota_follows_the_user_to_another_node(testbed, hub):
+    hub.create_user("quinn")
+    r = admin(hub, "POST", "api/admin/quota", json={"key": "quinn", "disk": "64M"})
+    assert r.status_code == 200 and r.json()["applied"] is None, r.text  # no root yet
+    hub.spawn("quinn", timeout=300)
+    home = node_of(testbed, "quinn")
+    other = "b" if home == "a" else "a"
+    rc, out = run(hub, "quinn", QUOTA_FILL.format(name="kept", mb=40))
+    assert rc == 0 and "dd-rc=0" in out, out
+    rc, out = run(hub, "quinn", QUOTA_FILL.format(name="big", mb=100))
+    assert "Disk quota exceeded" in out, out
+    rc, out = run(hub, "quinn", 'rm "$HOME/big" && sync')
+    assert rc == 0, out
+
+    m = migrate(hub, "quinn", other)
+    assert m["state"] == "done", m
+    assert node_of(testbed, "quinn") == other
+    # On the new node: the file came along, and the same 64M quota holds there.
+    rc, out = run(hub, "quinn", 'test "$(stat -c %s "$HOME/kept")" = 41943040 && echo KEPT')
+    assert "KEPT" in out, out
+    rc, out = run(hub, "quinn", QUOTA_FILL.format(name="big", mb=100))
+    assert "Disk quota exceeded" in out, out
+    # A live raise reaches the agent of the node that runs it.
+    r = admin(hub, "POST", "api/admin/quota", json={"key": "quinn", "disk": "256M"})
+    assert r.status_code == 200, r.text
+    assert r.json()["node"] == other and r.json()["applied"]["limit_bytes"] == 256 << 20
+    rc, out = run(hub, "quinn", 'rm -f "$HOME/big"; ' + QUOTA_FILL.format(name="big", mb=100))
+    assert "dd-rc=0" in out, out
+    hub.unspawn("quinn")
+
+
 def _placements(hub) -> dict:
     return admin(hub, "GET", "api/admin/state").json()["placements"]
 

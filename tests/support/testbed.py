@@ -91,6 +91,7 @@ class Testbed:
         auth.make_key(self.key_file)
         key = auth.load_key(self.key_file)
         for n in NODE_IP:
+            self.clean_node(n)  # what a killed earlier bed left
             self.mount_store(n)
             self.load_image(n)
             (self.work / f"{n}.token-hash").write_text(
@@ -98,6 +99,10 @@ class Testbed:
             devices = json.loads((FIXTURES / "nvml_dgx_a100.json").read_text())
             devices["devices"] = [devices["devices"][i] for i in GPUS[n]]
             (self.work / f"{n}-nvml.json").write_text(json.dumps(devices))
+            # Each node's uppers on their own btrfs with quotas, as setup.sh makes them.
+            r = _run(str(REPO / "scripts" / "upperfs.sh"), "up", str(self.state(n)), "2G")
+            if r.returncode != 0:
+                raise RuntimeError(f"upperfs.sh up failed for node {n}:\n{r.stderr}")
             self.start_agent(n)
         for n in NODE_IP:
             self.wait_up(n)
@@ -292,7 +297,9 @@ class Testbed:
                 _run("umount", "-l", mp)
         if os.path.ismount(self.node_mnt(n)):
             _run("umount", "-l", str(self.node_mnt(n)))
-        for sub in ("uppers", "mnt", "labvm.sqlite", "tls"):
+        if os.path.ismount(state / "uppers"):  # its btrfs goes too: the next bed starts empty
+            _run("umount", "-l", str(state / "uppers"))
+        for sub in ("uppers", "uppers.img", "mnt", "labvm.sqlite", "tls"):
             p = state / sub
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
