@@ -112,6 +112,8 @@ def render_form(
         ("Disk write", _rate(limits.io_write_bps)),
         ("Disk space", "unlimited" if limits.disk_bytes is None
          else format_bytes(limits.disk_bytes)),
+        ("Stored layer", "unlimited" if limits.store_bytes is None
+         else format_bytes(limits.store_bytes)),
     ]
     parts.append('<table class="table table-condensed labvm-limits">')
     parts.append("<caption>Limits for your server</caption>")

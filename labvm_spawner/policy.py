@@ -36,6 +36,7 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "io_read_bps": None,
     "io_write_bps": None,
     "disk": None,
+    "store": None,
     "max_gpus": 0,
     "gpu_models": None,
     "gpu_sharing": False,
@@ -118,7 +119,7 @@ def _check_value(where: str, key: str, value: Any) -> Any:
             return None
         v = _size(where, key, value)
         return v or None  # 0 means no limit, as with docker
-    if key == "disk":
+    if key in ("disk", "store"):
         if value is None:
             return None
         v = _size(where, key, value)
@@ -183,6 +184,7 @@ _GENEROUS: dict[str, Callable[[list[Any]], Any]] = {
     "io_read_bps": _max_or_none_wins,  # None = unlimited
     "io_write_bps": _max_or_none_wins,
     "disk": _max_or_none_wins,
+    "store": _max_or_none_wins,
     "max_gpus": max,
     "gpu_models": _union_models,
     "gpu_sharing": all,  # an exclusive GPU is the better deal
@@ -240,6 +242,7 @@ def resolve_policy(
         io_read_bps=values["io_read_bps"],
         io_write_bps=values["io_write_bps"],
         disk_bytes=values["disk"],
+        store_bytes=values["store"],
     )
     gpu = GpuPolicy(
         max_gpus=values["max_gpus"],

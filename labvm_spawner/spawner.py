@@ -49,7 +49,8 @@ class LabVMSpawner(NodeSettings, Spawner):
         {"cpus": 2, "mem": "4G", "pids": 2048, "max_gpus": 1},
         help="Default policy for every user. Keys: cpus, mem, pids, blkio_weight, "
         "io_read_bps, io_write_bps (on the disk of the uppers), disk (a quota on the user's "
-        "writable layer, e.g. '50G'; None: none; needs the node's uppers on XFS with prjquota), "
+        "writable layer, e.g. '50G'; None: none; needs the node's uppers on a btrfs with quotas, "
+        "scripts/upperfs.sh), store (the most one stored version of a root may hold), "
         "max_gpus, gpu_models.",
     ).tag(config=True)
 

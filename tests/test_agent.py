@@ -25,7 +25,8 @@ OTHER = auth.node_token(b"k" * 32, "n2")
 REQUEST = {"key": "alice", "username": "alice", "server": "", "image": "labvm/user:1",
            "cmd": ["jupyterhub-singleuser"], "env": {}, "secrets": {},
            "limits": {"cpus": 1, "mem_bytes": 1 << 30, "pids": 100, "blkio_weight": None,
-                      "io_read_bps": None, "io_write_bps": None, "disk_bytes": None}}
+                      "io_read_bps": None, "io_write_bps": None, "disk_bytes": None,
+                      "store_bytes": None}}
 
 
 class StubOps:

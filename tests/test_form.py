@@ -118,14 +118,16 @@ def test_limits_table_in_human_units():
         "Disk read": "100 MiB/s",
         "Disk write": "unlimited",
         "Disk space": "unlimited",
+        "Stored layer": "unlimited",
     }
-    half = Limits(0.5, 1536 * M, 100, 500, None, 20 * M, disk_bytes=50 * G)
+    half = Limits(0.5, 1536 * M, 100, 500, None, 20 * M, disk_bytes=50 * G, store_bytes=80 * G)
     f = Form(render_form(half, GpuPolicy(0, None, False), {}, {}))
     assert f.rows["CPUs"] == "0.5"
     assert f.rows["Memory"] == "1.5 GiB"
     assert f.rows["Disk IO weight"] == "500"
     assert f.rows["Disk write"] == "20 MiB/s"
     assert f.rows["Disk space"] == "50 GiB"
+    assert f.rows["Stored layer"] == "80 GiB"
 
 
 def test_everything_escaped():

@@ -11,7 +11,8 @@ from labvm_spawner.placement import choose_node
 A100 = "NVIDIA A100-SXM4-80GB"
 A6000 = "NVIDIA RTX A6000"
 LIMITS = {"cpus": 2, "mem_bytes": 4 << 30, "pids": 100, "blkio_weight": None,
-          "io_read_bps": None, "io_write_bps": None, "disk_bytes": None}
+          "io_read_bps": None, "io_write_bps": None, "disk_bytes": None,
+                      "store_bytes": None}
 
 
 def limits(**kw):

@@ -162,6 +162,8 @@ def test_disk_quota_key():
     limits, _ = resolve(groups=["ml", "staff"], default={**DEFAULT, "disk": "20G"},
                         group_overrides={"ml": {"disk": "100G"}, "staff": {"disk": None}})
     assert limits.disk_bytes is None
+    limits, _ = resolve(default={**DEFAULT, "store": "100G"})
+    assert limits.store_bytes == 100 * G and limits.disk_bytes is None
 
 
 @pytest.mark.parametrize(
@@ -181,6 +183,7 @@ def test_disk_quota_key():
         ({"blkio_weight": 5}, "outside docker's range 10..1000"),
         ({"disk": "10M"}, "'disk': '10M' is below the minimum of 16M"),
         ({"disk": "lots"}, "'disk': not a size: 'lots'"),
+        ({"store": "1K"}, "'store': '1K' is below the minimum of 16M"),
         ({"gpu_models": []}, "'gpu_models': must be None"),
         ({"gpu_models": [3]}, "'gpu_models': must be None"),
         ({"gpu_sharing": "yes"}, "'gpu_sharing': 'yes' is not true/false"),

@@ -112,7 +112,8 @@ async def test_start_sends_a_checked_request_and_keeps_tokens_out_of_the_env(wor
         "alice", "alice", "", "labvm/user:latest")
     assert (req.gpus, req.model, req.sharing) == (1, None, False)
     assert req.limits == {"cpus": 2.0, "mem_bytes": 4 << 30, "pids": 512, "blkio_weight": None,
-                          "io_read_bps": None, "io_write_bps": None, "disk_bytes": None}
+                          "io_read_bps": None, "io_write_bps": None, "disk_bytes": None,
+                      "store_bytes": None}
     assert req.secrets["JUPYTERHUB_API_TOKEN"] == "secret-token"
     assert not any("TOKEN" in k for k in req.env), "a token would land in Docker's config"
     assert req.cmd[0] == "jupyterhub-singleuser"

@@ -15,7 +15,7 @@ GOOD = {
     "secrets": {"JUPYTERHUB_API_TOKEN": "t"},
     "limits": {"cpus": 2, "mem_bytes": 4 << 30, "pids": 2048, "blkio_weight": None,
                "io_read_bps": None, "io_write_bps": 200_000_000,
-               "disk_bytes": None},
+               "disk_bytes": None, "store_bytes": None},
     "gpus": 1, "model": "NVIDIA A100", "sharing": False, "timeout_s": 30,
 }
 

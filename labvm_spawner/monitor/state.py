@@ -33,6 +33,8 @@ def _sync_fields(store_root: str, key: str) -> dict[str, Any]:
     store = open_store(store_root)
     fields = _last_sync_fields(store, key)
     fields["sync_progress"] = store.sync_progress(key)
+    fields["store_quota"] = store.quota(key)
+    fields["store_refused"] = store.quota_refusal(key)  # a commit over the quota
     return fields
 
 
@@ -40,10 +42,11 @@ def _last_sync_fields(store: Any, key: str) -> dict[str, Any]:
     synced = store.last_sync(key)
     if synced is None:
         return {"last_sync": "never", "last_synced": None, "last_synced_node": "",
-                "last_sync_errors": 0}
+                "last_sync_errors": 0, "last_sync_quota_errors": 0}
     iso = datetime.fromtimestamp(synced["t"], UTC).isoformat(timespec="seconds")
     return {"last_sync": iso, "last_synced": synced["t"], "last_synced_node": synced["node"],
-            "last_sync_errors": synced["errors"]}
+            "last_sync_errors": synced["errors"],
+            "last_sync_quota_errors": synced["quota_errors"]}
 
 
 def user_view(user: dict[str, Any], sample: Sample | None, store_root: str,

@@ -207,6 +207,7 @@ class NodeOps:
             crashpoint("node.start.owned")
             # Before the mount: the container never writes a byte that is not charged.
             quota = self.uppers.quotas.apply(key, limits.disk_bytes)
+            self.store.set_quota(key, limits.store_bytes)
             if quota is not None and quota.limit_bytes is not None:
                 emit(45, f"Disk quota {quota.limit_bytes >> 20} MiB, "
                          f"{quota.used_bytes >> 20} MiB used")

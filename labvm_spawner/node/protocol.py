@@ -55,7 +55,8 @@ class Limits:
     blkio_weight: int | None  # None: docker's default weight
     io_read_bps: int | None  # None: unlimited; applies to the device of the user's upper dir
     io_write_bps: int | None
-    disk_bytes: int | None = None  # None: unlimited; the upper's XFS project quota
+    disk_bytes: int | None = None  # None: unlimited; the upper's quota (node/quota.py)
+    store_bytes: int | None = None  # None: unlimited; a version's size (storage/quota.py)
 
 
 @dataclass
@@ -171,8 +172,8 @@ def _limits(data: object) -> Limits:
           and type(lim.pids) is int and 0 < lim.pids <= 1 << 22
           and all(v is None or (type(v) is int and v > 0)
                   for v in (lim.blkio_weight, lim.io_read_bps, lim.io_write_bps))
-          and (lim.disk_bytes is None or (type(lim.disk_bytes) is int
-                                          and MIN_DISK <= lim.disk_bytes <= 1 << 60)))
+          and all(v is None or (type(v) is int and MIN_DISK <= v <= 1 << 60)
+                  for v in (lim.disk_bytes, lim.store_bytes)))
     if not ok or (lim.blkio_weight is not None and not 10 <= lim.blkio_weight <= 1000):
         raise LabVMError(f"bad start request: limits out of range: {data}")
     return lim

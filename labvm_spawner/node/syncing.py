@@ -69,7 +69,7 @@ class Syncing:
             self.store.clear_progress(key)
         syncer.save_index()
         self.store.record_sync(key, t, self.uppers.node, self.uppers.generation(key),
-                               stats.changed, stats.errors)
+                               stats.changed, stats.errors, stats.quota_errors)
         if final:
             if registered:
                 self.drop(key)

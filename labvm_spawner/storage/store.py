@@ -11,6 +11,7 @@ Layout under the store root, per key (a validated user or user.server name)::
                              until merged into a version (<S>.merged marks one that is)
     <key>/owner.json         the node whose upper is live, and its generation (handover)
     <key>/synced.json        the last sync of the live upper (record_sync, last_sync)
+    <key>/quota.json         the key's store quota, and the last commit it refused (quota.py)
     <key>/.lock              flock held by every mutating operation
 
 A version becomes visible only by renaming a finished staging directory into
@@ -41,9 +42,10 @@ from .errors import StoreError
 from .fsops import fsync_dir
 from .handover import HandOver
 from .merge import MergeStats, apply_upper, scan_upper
+from .quota import StoreQuotaExceeded, set_mirror_limit, tree_bytes
 from .treecopy import copy_tree
 
-__all__ = ["LayerStore", "StoreError", "open_store", "FsckReport"]
+__all__ = ["LayerStore", "StoreError", "StoreQuotaExceeded", "open_store", "FsckReport"]
 
 DEFAULT_KEEP = int(os.environ.get("LABVM_STORE_KEEP", "5"))
 
@@ -106,13 +108,14 @@ class LayerStore(HandOver):
         return self.key_dir(key) / "upper-sync"
 
     def record_sync(self, key: str, t: float, node: str, gen: int | None, changed: int,
-                    errors: int) -> None:
+                    errors: int, quota_errors: int = 0) -> None:
         """Note a finished sync of ``key``'s upper (``<key>/synced.json``): when it
-        started, by which node and generation, and how many entries it could not copy."""
+        started, by which node and generation, and how many entries it could not copy
+        (``quota_errors`` of them for the store quota)."""
         path = self.key_dir(key) / "synced.json"
         tmp = path.with_name(f".synced.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps({"t": t, "node": node, "gen": gen, "changed": changed,
-                                   "errors": errors}))
+                                   "errors": errors, "quota_errors": quota_errors}))
         os.replace(tmp, path)
 
     def record_progress(self, key: str, progress: dict) -> None:
@@ -146,13 +149,72 @@ class LayerStore(HandOver):
             with open(self.key_dir(key) / "synced.json", encoding="utf-8") as f:
                 rec = json.load(f)
             errors = rec.get("errors", 0)
+            quota_errors = rec.get("quota_errors", 0)
             gen = rec.get("gen")
             return {"t": float(rec["t"]), "node": str(rec.get("node") or ""),
                     "gen": gen if type(gen) is int else None,
                     "changed": int(rec.get("changed") or 0),
-                    "errors": errors if type(errors) is int and errors >= 0 else 0}
+                    "errors": errors if type(errors) is int and errors >= 0 else 0,
+                    "quota_errors": quota_errors if type(quota_errors) is int
+                    and quota_errors >= 0 else 0}
         except (OSError, ValueError, KeyError, TypeError, AttributeError, StoreError):
             return None
+
+    # ---- the store quota (quota.py) -------------------------------------------------
+    def _quota_record(self, key: str) -> dict:
+        try:
+            with open(self.key_dir(key) / "quota.json", encoding="utf-8") as f:
+                rec = json.load(f)
+            return rec if isinstance(rec, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _write_quota_record(self, key: str, rec: dict) -> None:
+        path = self.key_dir(key) / "quota.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".quota.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps(rec))
+        os.replace(tmp, path)
+
+    def quota(self, key: str) -> int | None:
+        """Bytes of files one version of ``key`` may hold; None: no quota."""
+        limit = self._quota_record(key).get("bytes")
+        return limit if type(limit) is int and limit > 0 else None
+
+    def set_quota(self, key: str, limit: int | None) -> None:
+        rec = self._quota_record(key)
+        if rec.get("bytes") == limit and "bytes" in rec:
+            return
+        set_mirror_limit(self.sync_path(key), limit)
+        self._write_quota_record(key, {**rec, "bytes": limit})
+
+    def quota_refusal(self, key: str) -> dict | None:
+        """The last commit refused for the quota ({"t", "bytes", "limit"}), if any."""
+        got = self._quota_record(key).get("refused")
+        if not isinstance(got, dict):
+            return None
+        try:
+            return {k: float(got[k]) if k == "t" else int(got[k]) for k in ("t", "bytes", "limit")}
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def _check_quota(self, key: str, built: Path, cur: int | None) -> None:
+        limit = self.quota(key)
+        rec = self._quota_record(key)
+        if limit is None:
+            return
+        size = tree_bytes(built)
+        if size <= limit:
+            if "refused" in rec:
+                self._write_quota_record(key, {k: v for k, v in rec.items() if k != "refused"})
+            return
+        safepath.remove_tree(built)  # nothing half-written stays
+        self._write_quota_record(key, {**rec, "refused": {"t": time.time(), "bytes": size,
+                                                          "limit": limit}})
+        raise StoreQuotaExceeded(
+            f"{key}: the new version would hold {size >> 20} MiB of files, over its store "
+            f"quota of {limit >> 20} MiB; version {cur} stays current and nothing was "
+            "written (free space in the server, or ask an admin for a bigger quota)")
 
     # ---- locking and recovery ---------------------------------------------------
     @contextlib.contextmanager
@@ -322,6 +384,7 @@ class LayerStore(HandOver):
             # must keep hiding what the image has below them.
             stats = apply_upper(tree, upper, tmp, workers, layer=True)
             crashpoint("commit.merged")
+            self._check_quota(key, tmp, cur)
             self.publish(key, n, tmp)
             crashpoint("commit.published")
             self._prune(key, self.keep)

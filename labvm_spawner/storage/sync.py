@@ -155,6 +155,7 @@ class SyncStats:
     dirs: int = 0
     dir_meta: int = 0
     errors: int = 0
+    quota_errors: int = 0  # of those, refused by the store's quota (EDQUOT)
     rescan: bool = False
     failed: list[str] = field(default_factory=list)  # the first few paths that failed
     seen: int = 0  # entries listed by a full comparison so far
@@ -211,6 +212,8 @@ class _Pass:
             if safepath.changed(e):
                 return  # it changed while we looked: not an error, just read it again
             self.stats.errors += 1
+            if e.errno == errno.EDQUOT:
+                self.stats.quota_errors += 1
             if len(self.stats.failed) < _LOGGED:
                 self.stats.failed.append(safepath.show(parts))
                 log.warning("sync of %s: cannot copy %s: %s", self.s.upper,
@@ -264,7 +267,12 @@ class _Pass:
         """Copy the non-directory ``name`` from upper dir ``u`` to mirror dir ``m``; with
         ``direct``, straight to its name (nothing is there, and no reader looks yet)."""
         if direct:
-            copied = fsops.copy_entry(u, name, m, name, st)
+            try:
+                copied = fsops.copy_entry(u, name, m, name, st)
+            except OSError as e:
+                if e.errno != errno.EEXIST:  # a part-written file (a full store) goes
+                    _unlink_quiet(m, name)
+                raise
             crashpoint("sync.written_in_place")
             with self.lock:
                 assert parent.kids is not None

@@ -419,7 +419,8 @@ def test_agents_refuse_requests_without_their_token(testbed, hub):
     body = {"key": "mallory", "username": "mallory", "server": "", "image": testbed.image,
             "cmd": ["sleep", "infinity"], "env": {}, "secrets": {},
             "limits": {"cpus": 1, "mem_bytes": 1 << 30, "pids": 100, "blkio_weight": None,
-                       "io_read_bps": None, "io_write_bps": None, "disk_bytes": None}}
+                       "io_read_bps": None, "io_write_bps": None, "disk_bytes": None,
+                      "store_bytes": None}}
     wrong = [{}, {"Authorization": "Bearer nope"},
              {"Authorization": f"Bearer {auth.node_token(key, 'b')}"},  # node b's token
              {"Authorization": f"token {auth.node_token(key, 'a')}"}]
@@ -647,7 +648,8 @@ def test_agents_refuse_starts_they_must_not_run(testbed, hub):
     good = {"key": "mallory", "username": "mallory", "server": "", "image": testbed.image,
             "cmd": ["jupyterhub-singleuser"], "env": {}, "secrets": {}, "gpus": 0,
             "limits": {"cpus": 1, "mem_bytes": 1 << 30, "pids": 100, "blkio_weight": None,
-                       "io_read_bps": None, "io_write_bps": None, "disk_bytes": None}}
+                       "io_read_bps": None, "io_write_bps": None, "disk_bytes": None,
+                      "store_bytes": None}}
     cases = {
         "a foreign image": dict(good, image="evil/miner:latest"),
         "a user that is not the key's": dict(good, username="alice"),

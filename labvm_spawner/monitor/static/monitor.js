@@ -176,6 +176,15 @@
     return `${gib(r.disk.used)} of ${r.disk.limit ? gib(r.disk.limit) : "no quota"}${pctUsed}`;
   }
 
+  // The store quota, and what it refused: a sync's entries or a whole commit.
+  function storeText(r) {
+    const parts = [];
+    if (r.store_quota) parts.push(`store quota ${gib(r.store_quota)}`);
+    if (r.last_sync_quota_errors) parts.push(`the store quota is full: ${Number(r.last_sync_quota_errors)} entries were not backed up by the last sync`);
+    if (r.store_refused) parts.push(`a new version of ${gib(r.store_refused.bytes)} was refused at ${when(r.store_refused.t * 1000)}: over the store quota of ${gib(r.store_refused.limit)}`);
+    return parts.join("; ");
+  }
+
   function rootRow(u, r, state) {
     const restoreOk = state.restore_supported;
     const c = r.container;
@@ -183,7 +192,8 @@
     const targets = migrateTargets(state, r).map((n) => `<option value="${esc(n.name)}">${esc(n.name)}</option>`).join("");
     const synced = (r.last_synced ? when(r.last_synced * 1000) + (r.last_synced_node ? " on " + r.last_synced_node : "") : "never")
       + (r.last_sync_errors ? ` (last sync had ${Number(r.last_sync_errors)} error${r.last_sync_errors === 1 ? "" : "s"})` : "")
-      + (r.sync_progress ? `; syncing now: ${syncProgress(r.sync_progress)}` : "");
+      + (r.sync_progress ? `; syncing now: ${syncProgress(r.sync_progress)}` : "")
+      + (storeText(r) ? `; ${storeText(r)}` : "");
     const versions = r.versions.map((v) => (v === r.current_version ? `<b>${v}</b>` : v)).join(", ") || "none";
     const options = r.versions.filter((v) => v !== r.current_version).map((v) => `<option>${v}</option>`).join("");
     const canRestore = restoreOk && !r.running && options;
@@ -249,6 +259,7 @@
         <p>GPUs: ${r.gpus.map((g) => `GPU ${g.index} (${esc(g.name)}) ${pct(g.util)}, ${mib(g.mem_used)} used`).join("; ") || "none"}</p>
         <p>Layer versions: ${r.versions.join(", ") || "none"} (current ${r.current_version ?? "none"}) · last sync: ${esc(r.last_sync)}</p>
         ${r.disk ? `<p class="disk">Disk: ${esc(diskText(r))}</p>` : ""}
+        ${storeText(r) ? `<p class="store${r.store_refused || r.last_sync_quota_errors ? " warning" : ""}">Layer store: ${esc(storeText(r))}</p>` : ""}
         <div id="chart-me-${i}" class="chart"></div><div id="chart-me-gpu-${i}" class="chart"></div></div>`;
     }).join("") || "<p>You have no server yet.</p>";
     for (const [i, r] of me.roots.entries()) {
