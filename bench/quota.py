@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, alternate, env_int, median  # noqa: E402
 
 from labvm_spawner.node import overlay  # noqa: E402
-from labvm_spawner.node.quota import Quotas, commit, set_limit  # noqa: E402
+from labvm_spawner.node.quota import Quotas, set_limit  # noqa: E402
+from labvm_spawner.storage.fsops import syncfs  # noqa: E402
 
 UPPERFS = REPO / "scripts" / "upperfs.sh"
 BIG = 128 << 20
@@ -85,7 +86,7 @@ def main() -> int:
 
             def run(paths: overlay.RootPaths) -> None:
                 write_tree(paths.merged, big_mb, small)
-                commit(paths.upper)
+                syncfs(paths.upper)
 
             took = alternate(r, {n: (lambda p=p: run(p)) for n, p in roots.items()}, times)
             for name, t in took.items():

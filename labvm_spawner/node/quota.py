@@ -19,8 +19,6 @@ Only LabVM's own paths (``uppers/<key>``) are handed to ``btrfs``; the tree insi
 
 from __future__ import annotations
 
-import ctypes
-import os
 import re
 import subprocess
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ from pathlib import Path
 
 from ..errors import LabVMError
 from ..names import is_key
+from ..storage.fsops import syncfs
 
 
 class QuotaError(LabVMError):
@@ -109,20 +108,6 @@ def usage(base: Path) -> Usage:
     raise QuotaError(f"no quota group for {base}")
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def commit(base: Path) -> None:
-    """Commit btrfs's transaction, so that the usage read next is not up to 30 s old."""
-    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), str(base))
-    finally:
-        os.close(fd)
-
-
 def set_limit(base: Path, limit_bytes: int | None) -> None:
     _btrfs("qgroup", "limit", "none" if limit_bytes is None else str(limit_bytes), str(base))
 
@@ -172,7 +157,7 @@ class Quotas:
         if not self.enabled() or not is_subvolume(base):
             raise QuotaError(f"{key} has no disk quota on this node: {self.uppers} "
                              + NO_QUOTA_FS)
-        commit(base)
+        syncfs(base)  # commits btrfs's transaction: usage is otherwise up to 30 s old
         now = usage(base)
         if limit_bytes is not None and limit_bytes < now.used_bytes:
             raise QuotaError(

@@ -8,6 +8,7 @@ takes the parent directory's descriptor and a name (reached through
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import stat
@@ -18,7 +19,7 @@ from .safepath import read_xattrs, set_xattrs
 __all__ = ["OVL_PREFIX", "OVL_OPAQUE", "OVL_WHITEOUT", "OVL_REDIRECT", "OVL_METACOPY",
            "read_xattrs", "set_xattrs", "visible_xattrs", "is_char_whiteout", "set_meta",
            "apply_meta", "apply_meta_fd", "open_regular", "copy_entry", "overwrite_file",
-           "copy_file_data", "read_umask", "refresh_umask"]
+           "copy_file_data", "read_umask", "refresh_umask", "fsync_dir", "syncfs"]
 
 OVL_PREFIX = "trusted.overlay."
 # Overlayfs escapes a user's own trusted.overlay.* xattr by doubling the prefix.
@@ -254,5 +255,20 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def syncfs(path: str | os.PathLike[str]) -> None:
+    """Flush the file system holding the directory ``path`` (one call instead of an fsync
+    per file; on btrfs it also commits the transaction, which updates quota usage)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), os.fspath(path))
     finally:
         os.close(fd)

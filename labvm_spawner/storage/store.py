@@ -24,7 +24,6 @@ and is dropped by recovery (its upper is still there to be merged again).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import json
 import os
@@ -39,7 +38,7 @@ from ..names import is_key
 from . import safepath
 from .crash import crashpoint
 from .errors import StoreError
-from .fsops import fsync_dir
+from .fsops import fsync_dir, syncfs
 from .handover import HandOver
 from .merge import MergeStats, apply_upper, scan_upper
 from .quota import StoreQuotaExceeded, set_mirror_limit, tree_bytes
@@ -321,7 +320,7 @@ class LayerStore(HandOver):
         final = kdir / "versions" / str(n)
         final.parent.mkdir(parents=True, exist_ok=True)
         if Path(built) != final:
-            _syncfs(built)  # contents durable before the name makes them visible
+            syncfs(built)  # contents durable before the name makes them visible
             crashpoint("publish.synced")
             os.rename(built, final)
             fsync_dir(final.parent)
@@ -432,20 +431,6 @@ def _sync_temps(sync_dir: Path, remove: bool) -> list[str]:
     finally:
         os.close(fd)
     return found
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _syncfs(path: str | os.PathLike[str]) -> None:
-    """Flush the file system holding ``path`` (one call instead of fsync per file)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), os.fspath(path))
-    finally:
-        os.close(fd)
 
 
 def open_store(root: str | os.PathLike[str], keep: int = DEFAULT_KEEP) -> LayerStore:
