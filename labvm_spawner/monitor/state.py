@@ -34,6 +34,7 @@ def _sync_fields(store_root: str, key: str) -> dict[str, Any]:
     fields = _last_sync_fields(store, key)
     fields["sync_progress"] = store.sync_progress(key)
     fields["store_quota"] = store.quota(key)
+    fields["store_used"] = store.quota_usage(key)
     fields["store_refused"] = store.quota_refusal(key)  # a commit over the quota
     return fields
 

@@ -187,6 +187,11 @@ class LayerStore(HandOver):
         set_mirror_limit(self.sync_path(key), limit)
         self._write_quota_record(key, {**rec, "bytes": limit})
 
+    def quota_usage(self, key: str) -> int | None:
+        """Bytes of files in the newest version committed under a quota, if any."""
+        got = self._quota_record(key).get("version_bytes")
+        return got if type(got) is int and got >= 0 else None
+
     def quota_refusal(self, key: str) -> dict | None:
         """The last commit refused for the quota ({"t", "bytes", "limit"}), if any."""
         got = self._quota_record(key).get("refused")
@@ -203,9 +208,9 @@ class LayerStore(HandOver):
         if limit is None:
             return
         size = tree_bytes(built)
-        if size <= limit:
-            if "refused" in rec:
-                self._write_quota_record(key, {k: v for k, v in rec.items() if k != "refused"})
+        if size <= limit:  # what the page shows against the quota, until the next commit
+            self._write_quota_record(key, {**{k: v for k, v in rec.items() if k != "refused"},
+                                           "version_bytes": size})
             return
         safepath.remove_tree(built)  # nothing half-written stays
         self._write_quota_record(key, {**rec, "refused": {"t": time.time(), "bytes": size,

@@ -43,6 +43,7 @@ def test_a_commit_over_the_store_quota_changes_nothing(where: str, tmp_path: Pat
     n1, _ = store.commit("alice", first)
     want = _files(store.version_path("alice", n1))
     assert tree_bytes(store.version_path("alice", n1)) == 12 * M
+    assert store.quota_usage("alice") == 12 * M  # what the pages show against the quota
     before = store.versions("alice")
 
     with pytest.raises(StoreQuotaExceeded, match=f"over its store quota of 20 MiB; version "
@@ -63,6 +64,7 @@ def test_a_commit_over_the_store_quota_changes_nothing(where: str, tmp_path: Pat
     assert set(_files(store.version_path("alice", n2))) == set(want) | {
         f"more/g{i}" for i in range(3)}
     assert store.quota_refusal("alice") is None
+    assert store.quota_usage("alice") == 24 * M
 
 
 def test_a_sync_past_the_store_quota_on_moosefs_keeps_what_fits(mfs_dir: Path,

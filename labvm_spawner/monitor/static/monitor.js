@@ -179,7 +179,7 @@
   // The store quota, and what it refused: a sync's entries or a whole commit.
   function storeText(r) {
     const parts = [];
-    if (r.store_quota) parts.push(`store quota ${gib(r.store_quota)}`);
+    if (r.store_quota) parts.push(`stored layer ${r.store_used == null ? "" : gib(r.store_used) + " of "}${gib(r.store_quota)} quota`);
     if (r.last_sync_quota_errors) parts.push(`the store quota is full: ${Number(r.last_sync_quota_errors)} entries were not backed up by the last sync`);
     if (r.store_refused) parts.push(`a new version of ${gib(r.store_refused.bytes)} was refused at ${when(r.store_refused.t * 1000)}: over the store quota of ${gib(r.store_refused.limit)}`);
     return parts.join("; ");
