@@ -14,6 +14,7 @@ import threading
 
 import pytest
 from support import jupyter_exec
+from support.browser import ARTIFACTS, launch, log_in
 from support.helpers import container_of, sh
 from support.monitorharness import root_of, start_monitor
 
@@ -44,6 +45,7 @@ def test_a_full_quota_fails_only_its_own_user(hub_factory, docker_client, tmp_pa
     # Past 90% of her quota Alice is warned: on her page, the admin's, and in her home,
     # where JupyterLab's file browser opens.
     assert "dd-rc=0" in _dd(hub, ALICE, "data", 60)
+    see_warning_in_browser(mon)
     state = mon.wait(lambda s: root_of(s, ALICE)["disk_warning"])
     disk = root_of(state, ALICE)["disk"]
     assert disk["limit"] == 64 * M and 58 * M < disk["used"] <= 64 * M
@@ -94,9 +96,8 @@ def test_a_full_quota_fails_only_its_own_user(hub_factory, docker_client, tmp_pa
     r = mon.post("api/admin/quota", {"key": ALICE, "disk": "20M"})  # she has 40M
     assert r.status_code == 409, r.text
     assert "Nothing was changed; the quota stays 64 MiB" in r.json()["error"]
-    r = mon.post("api/admin/quota", {"key": ALICE, "disk": "256M"})
-    assert r.status_code == 200, r.text
-    assert r.json()["applied"]["limit_bytes"] == 256 * M
+    raise_in_browser(mon, "256M")
+    assert root_of(mon.get("api/admin/state").json(), ALICE)["disk"]["limit"] == 256 * M
     assert "dd-rc=0" in _dd(hub, ALICE, "more", 150)  # beyond the old 64M, no restart
 
     # The quota holds across a stop and start, and a hub restart.
@@ -114,3 +115,47 @@ def test_a_full_quota_fails_only_its_own_user(hub_factory, docker_client, tmp_pa
     assert rc == 0, out
     out = _dd(hub, ALICE, "last", 300)
     assert "Disk quota exceeded" in out, out
+
+
+def _page(browser, mon, user: str, path: str):  # noqa: ANN001, ANN202
+    page = log_in(browser.new_context(), mon.hub.url, user, mon.hub.password)
+    page.goto(mon.url + path)
+    page.wait_for_selector("body[data-loaded='1']", state="attached", timeout=30000)
+    return page
+
+
+def see_warning_in_browser(mon) -> None:  # noqa: ANN001
+    """Alice's own page, in a real browser, says her disk is almost full."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = _page(browser, mon, ALICE, "me")
+            page.wait_for_selector("#warnings .warning:has-text('is almost full')",
+                                   timeout=30000)
+            assert "0.1 GiB (9" in page.inner_text("#warnings")  # used of quota (94%)
+            page.screenshot(path=str(ARTIFACTS / "quota-user-warning.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+def raise_in_browser(mon, size: str) -> None:  # noqa: ANN001
+    """The admin sets Alice's quota on the Users page: the page's own POST."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = _page(browser, mon, "boss", "admin/users")
+            page.on("dialog", lambda d: d.accept())
+            box = page.locator(f"input[data-quota-for='{ALICE}']")
+            box.wait_for(timeout=30000)
+            box.fill(size)
+            page.click(f"button[data-quota='{ALICE}']")
+            page.wait_for_selector(f"#status:has-text('Disk quota of {ALICE}:')",
+                                   timeout=30000)
+            assert "in force now" in page.inner_text("#status")
+            page.screenshot(path=str(ARTIFACTS / "quota-admin-users.png"), full_page=True)
+        finally:
+            browser.close()
