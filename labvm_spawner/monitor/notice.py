@@ -14,6 +14,8 @@ import time
 import docker
 import docker.errors
 
+from ..form import format_bytes
+
 log = logging.getLogger(__name__)
 
 NOTICE_NAME = "LABVM-IDLE-GPU-WARNING.txt"
@@ -55,10 +57,8 @@ def text(idle_since: float, stop_at: float) -> str:
 
 
 def disk_text(used: int, limit: int) -> str:
-    def gib(n: int) -> str:
-        return f"{n / 2**30:.1f} GiB"
-
-    return _DISK_TEXT.format(pct=100 * used / limit, used=gib(used), limit=gib(limit))
+    return _DISK_TEXT.format(pct=100 * used / limit, used=format_bytes(used),
+                             limit=format_bytes(limit))
 
 
 def put(client: docker.DockerClient, key: str, node: str, name: str, body: str) -> bool:

@@ -57,7 +57,7 @@ def test_a_full_quota_fails_only_its_own_user(hub_factory, docker_client, tmp_pa
     c = container_of(docker_client, ALICE)
     notice_file = '"$(getent passwd "$LABVM_USER" | cut -d: -f6)"/LABVM-DISK-QUOTA-WARNING.txt'
     mon.wait(lambda _s: sh(c, f"test -s {notice_file}")[0] == 0)
-    assert "of your 0.1 GiB quota" in sh(c, f"cat {notice_file}")[1]
+    assert "of your 64 MiB quota" in sh(c, f"cat {notice_file}")[1]
     metrics = mon.get("metrics", None,
                       headers={"Authorization": f"Bearer {mon.metrics_token}"}).text
     limits = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
@@ -134,7 +134,7 @@ def see_warning_in_browser(mon) -> None:  # noqa: ANN001
             page = _page(browser, mon, ALICE, "me")
             page.wait_for_selector("#warnings .warning:has-text('is almost full')",
                                    timeout=30000)
-            assert "0.1 GiB (9" in page.inner_text("#warnings")  # used of quota (94%)
+            assert "MiB of 64 MiB (9" in page.inner_text("#warnings")  # used of quota (94%)
             page.screenshot(path=str(ARTIFACTS / "quota-user-warning.png"), full_page=True)
         finally:
             browser.close()

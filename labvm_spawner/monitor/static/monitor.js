@@ -10,6 +10,8 @@
   const esc = (s) => String(s ?? "").replace(/[&<>"']/g,
     (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
   const gib = (b) => (b / 2 ** 30).toFixed(1) + " GiB";
+  // Sizes a person reads: MiB below a GiB (a 64 MiB quota is not "0.1 GiB").
+  const size = (b) => (b >= 2 ** 30 ? gib(b) : Math.round(b / 2 ** 20) + " MiB");
   const mib = (b) => Math.round(b / 2 ** 20) + " MiB";
   const pct = (x) => x.toFixed(0) + " %";
   const bar = (x) => `<span class="bar" style="width:${Math.min(100, x)}px"></span> ${pct(x)}`;
@@ -173,15 +175,15 @@
   function diskText(r) {
     if (!r.disk) return "";
     const pctUsed = r.disk.limit ? ` (${Math.round((100 * r.disk.used) / r.disk.limit)}%)` : "";
-    return `${gib(r.disk.used)} of ${r.disk.limit ? gib(r.disk.limit) : "no quota"}${pctUsed}`;
+    return `${size(r.disk.used)} of ${r.disk.limit ? size(r.disk.limit) : "no quota"}${pctUsed}`;
   }
 
   // The store quota, and what it refused: a sync's entries or a whole commit.
   function storeText(r) {
     const parts = [];
-    if (r.store_quota) parts.push(`stored layer ${r.store_used == null ? "" : gib(r.store_used) + " of "}${gib(r.store_quota)} quota`);
+    if (r.store_quota) parts.push(`stored layer ${r.store_used == null ? "" : size(r.store_used) + " of "}${size(r.store_quota)} quota`);
     if (r.last_sync_quota_errors) parts.push(`the store quota is full: ${Number(r.last_sync_quota_errors)} entries were not backed up by the last sync`);
-    if (r.store_refused) parts.push(`a new version of ${gib(r.store_refused.bytes)} was refused at ${when(r.store_refused.t * 1000)}: over the store quota of ${gib(r.store_refused.limit)}`);
+    if (r.store_refused) parts.push(`a new version of ${size(r.store_refused.bytes)} was refused at ${when(r.store_refused.t * 1000)}: over the store quota of ${size(r.store_refused.limit)}`);
     return parts.join("; ");
   }
 
@@ -322,8 +324,8 @@
         const disk = v === "" || v.toLowerCase() === "none" ? null : v;
         if (!confirm(disk === null ? `Remove the disk quota of ${key}?` : `Set the disk quota of ${key} to ${disk}?`)) return;
         const r = await post("api/admin/quota", { key, disk });
-        status(`Disk quota of ${key}: ${r.disk_bytes == null ? "none" : gib(r.disk_bytes)}`
-          + (r.applied ? `, in force now (${gib(r.applied.used_bytes)} used).` : ", from its next start."));
+        status(`Disk quota of ${key}: ${r.disk_bytes == null ? "none" : size(r.disk_bytes)}`
+          + (r.applied ? `, in force now (${size(r.applied.used_bytes)} used).` : ", from its next start."));
       } else if (b.dataset.restore !== undefined) {
         const key = b.dataset.restore;
         const v = Number(document.querySelector(`select[data-versions="${key}"]`).value);
