@@ -43,8 +43,10 @@ c.LabVMSpawner.state_dir = state
 #   c.LabVMSpawner.node_key_file = "/etc/labvm/node.key"
 #   c.JupyterHub.hub_ip = "<an address the nodes' containers reach>"
 # and pass --MonitorService.registry_dir/--MonitorService.node_key_file to the service below.
-c.LabVMSpawner.policy = {"cpus": 2, "mem": "4G", "pids": 2048, "max_gpus": 1}
-c.LabVMSpawner.admin_policy = {"max_gpus": 8, "cpus": 8, "mem": "32G"}
+# "disk" is a quota on each server's writable layer: scripts/setup.sh puts the uppers on a
+# btrfs with quotas (scripts/upperfs.sh); a node without one refuses servers with a quota.
+c.LabVMSpawner.policy = {"cpus": 2, "mem": "4G", "pids": 2048, "max_gpus": 1, "disk": "20G"}
+c.LabVMSpawner.admin_policy = {"max_gpus": 8, "cpus": 8, "mem": "32G", "disk": "100G"}
 c.Spawner.default_url = "/lab"
 c.Spawner.start_timeout = 180
 c.Spawner.http_timeout = 120

@@ -113,17 +113,21 @@ def run_parallel(first: Iterable[object], fn: Callable[[object], list[object]],
     small. The first error stops the run: the remaining tasks go to ``drop`` (to
     release what they hold) and the error is raised here.
     """
-    if workers <= 1:  # here, without threads: same order, nothing to hand over
-        stack = list(first)[::-1]
-        try:
-            while stack:
-                stack.extend(reversed(fn(stack.pop())))
-        except BaseException:
-            if drop is not None:
-                for t in stack:
-                    drop(t)
-            raise
+    # Here, without threads, while there is one task at a time: with one worker all
+    # along (same order, nothing to hand over), else until the work fans out. A small
+    # run (a directory made since the last journaled pass) then never starts threads.
+    stack = list(first)[::-1]
+    try:
+        while stack and (workers <= 1 or len(stack) == 1):
+            stack.extend(reversed(fn(stack.pop())))
+    except BaseException:
+        if drop is not None:
+            for t in stack:
+                drop(t)
+        raise
+    if not stack:
         return
+    first = stack[::-1]
     tasks: queue.LifoQueue[object] = queue.LifoQueue()
     lock = threading.Lock()
     outstanding = 0

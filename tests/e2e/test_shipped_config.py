@@ -5,6 +5,7 @@ refused in our words on the page; a hub restart keeps the browser logged in."""
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -77,6 +78,11 @@ def test_the_shipped_config_first_spawn_refusal_and_restart(docker_client, labvm
     passwords = {}
     try:
         passwords = {first: _account(first), second: _account(second)}
+        # What setup.sh does for a lab: the uppers on a btrfs with quotas (the shipped
+        # policy has disk quotas).
+        up = subprocess.run([str(REPO / "scripts" / "upperfs.sh"), "up", str(state), "2G"],
+                            capture_output=True, text=True)
+        assert up.returncode == 0, up.stderr
         hub.start()
         with sync_playwright() as p:
             chromium = browser.launch(p)
@@ -87,6 +93,7 @@ def test_the_shipped_config_first_spawn_refusal_and_restart(docker_client, labvm
                 page.goto(f"{URL}/hub/spawn")
                 form = page.inner_text("form")
                 assert "not the 32 GiB of your policy" in form, form
+                assert re.search(r"Disk space\s+100 GiB", form), form  # the admin quota
                 page.click("form [type=submit]")
                 page.wait_for_url(f"**/user/{first}/lab**", timeout=180000)
                 page.wait_for_selector("#jp-main-dock-panel, .jp-LabShell", timeout=120000)
