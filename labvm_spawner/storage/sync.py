@@ -275,11 +275,7 @@ class _Pass:
                     _unlink_quiet(m, name)
                 raise
             crashpoint("sync.written_in_place")
-            with self.lock:
-                assert parent.kids is not None
-                parent.kids[name] = Node(copied.st_ino, copied.st_ctime_ns)
-                self.stats.copied += 1
-                self.stats.bytes += copied.st_size
+            self._copied(parent, name, copied)
             return
         tmp = f"{TMP_PREFIX}{secrets.token_hex(6)}"
         group = None
@@ -294,13 +290,17 @@ class _Pass:
         crashpoint("sync.tmp_written")
         self._rename_into_place(m, tmp, name, parent)
         crashpoint("sync.renamed")
+        self._copied(parent, name, copied)
+        if group is not None:
+            self._relink_group(group, parts, m, name, copied)
+
+    def _copied(self, parent: Node, name: str, copied: os.stat_result) -> None:
+        """Record a copy in the index (it is in place by now) and in the stats."""
         with self.lock:
             assert parent.kids is not None
             parent.kids[name] = Node(copied.st_ino, copied.st_ctime_ns)
             self.stats.copied += 1
             self.stats.bytes += copied.st_size
-        if group is not None:
-            self._relink_group(group, parts, m, name, copied)
 
     def _link_or_copy(self, u: int, m: int, name: str, parts: Parts, st: os.stat_result,
                       tmp: str) -> tuple[set[Parts], os.stat_result]:
