@@ -40,6 +40,10 @@ c.LabVMSpawner.dev_root = os.environ["LABVM_TEST_DEV"]
 c.LabVMSpawner.policy = {"cpus": 1, "mem": "1G", "pids": 1024, "max_gpus": 8,
                          "io_write_bps": "200M"}
 c.LabVMSpawner.group_policy = {"big": {"cpus": 2, "mem": "2G"}}
+# Test hubs' uppers are on the node's disk, without quotas, unless a test gives them a
+# btrfs (hub_factory(upperfs=...)) and a policy with "disk".
+c.LabVMSpawner.admin_policy = {k: v for k, v in c.LabVMSpawner.admin_policy.items()
+                               if k != "disk"}
 if os.environ.get("LABVM_TEST_USER_POLICY"):
     import json
 

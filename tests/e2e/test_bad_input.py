@@ -11,10 +11,18 @@ pytestmark = pytest.mark.e2e
 BAD_NAMES = ["../x", "a,b", "a:b", "x" * 201, "ünï", "a b", "lowerdir=x"]
 
 
-def snapshot(hub, docker_client):
+def snapshot(hub, docker_client, running: str = "ok"):
+    """Every name under the node's state, but what the running server ``running`` changes
+    by itself (its root, its upper, its synced copy in the store)."""
     root = state_dir(hub)
-    files = sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                   if "rootfs" not in p.parts and p.name != "labvm.sqlite")
+    own = {(top, running) for top in ("mnt", "uppers", "store")}
+
+    def counted(rel) -> bool:  # noqa: ANN001
+        return "rootfs" not in rel.parts and rel.name != "labvm.sqlite" and \
+            tuple(rel.parts[:2]) not in own
+
+    files = sorted(str(rel) for rel in (p.relative_to(root) for p in root.rglob("*"))
+                   if counted(rel))
     containers = sorted(c.name for c in docker_client.containers.list(
         all=True, filters={"label": f"labvm.node={hub.env['LABVM_TEST_NODE']}"}))
     return files, containers, mounts_under(root)

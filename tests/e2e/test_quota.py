@@ -97,7 +97,7 @@ def test_a_full_quota_fails_only_its_own_user(hub_factory, docker_client, tmp_pa
     assert r.status_code == 409, r.text
     assert "Nothing was changed; the quota stays 64 MiB" in r.json()["error"]
     raise_in_browser(mon, "256M")
-    assert root_of(mon.get("api/admin/state").json(), ALICE)["disk"]["limit"] == 256 * M
+    mon.wait(lambda s: (root_of(s, ALICE).get("disk") or {}).get("limit") == 256 * M)
     assert "dd-rc=0" in _dd(hub, ALICE, "more", 150)  # beyond the old 64M, no restart
 
     # The quota holds across a stop and start, and a hub restart.
