@@ -32,6 +32,7 @@ from .names import check_node_name
 from .node import auth, registry
 from .node.client import LocalNode, Node, RemoteNode
 from .node.protocol import NodeInfo
+from .ssh.keystore import KeyStore
 
 if TYPE_CHECKING:
     from .node.ops import NodeOps
@@ -158,6 +159,7 @@ class Cluster:
                  down_after_s: float = registry.DOWN_AFTER_S) -> None:
         self.engine = db.engine(db_url)
         _Base.metadata.create_all(self.engine)
+        self.ssh_keys = KeyStore(self.engine)
         self.registry_dir = registry_dir
         self.key_file = key_file
         self.local = LocalNode(local) if local is not None else None

@@ -305,6 +305,8 @@ class LabVMSpawner(NodeSettings, Spawner):
             key=key, username=self.user.name, server=self.name or "", image=self.image,
             cmd=self.cmd + self.get_args(), env=env, secrets=secrets, limits=asdict(limits),
             gpus=count, model=model, sharing=sharing, timeout_s=self.http_timeout,
+            ssh_keys=[k.line for k in await asyncio.to_thread(
+                self.cluster.ssh_keys.public_keys, self.user.name)],
         )
         self.node = node_name
         try:

@@ -136,5 +136,27 @@ main(sys.argv[1:])
     c.JupyterHub.load_roles = c.JupyterHub.load_roles + _roles
 # ---- END labvm monitor ----
 
+# ---- the SSH gateway: only for hubs started with LABVM_TEST_SSH=1 ----
+if os.environ.get("LABVM_TEST_SSH") == "1":
+    from labvm_spawner.ssh.service import hub_service as ssh_service
+
+    _testbed = os.environ.get("LABVM_TEST_TESTBED") == "1"
+    _ssh, _ssh_roles = ssh_service(args=[
+        f"--SSHService.state_dir={os.environ['LABVM_TEST_STATE']}",
+        f"--SSHService.local_node={'' if _testbed else os.environ['LABVM_TEST_NODE']}",
+        "--SSHService.ip=127.0.0.1",
+        f"--SSHService.port={os.environ['LABVM_TEST_SSH_PORT']}",
+        "--SSHService.public_host=127.0.0.1",
+        f"--SSHService.public_hub_url=http://127.0.0.1:{os.environ['LABVM_TEST_PORT']}/hub/",
+        f"--SSHService.max_failures_per_source={os.environ.get('LABVM_TEST_SSH_MAX_FAILS', '10')}",
+        "--SSHService.token_passwords=" + os.environ.get("LABVM_TEST_SSH_TOKENS", "False"),
+        "--SSHService.start_on_connect=" + os.environ.get("LABVM_TEST_SSH_AUTOSTART", "False"),
+    ] + ([
+        f"--SSHService.registry_dir={os.environ['LABVM_TEST_REGISTRY']}",
+        f"--SSHService.node_key_file={os.environ['LABVM_TEST_NODE_KEY']}",
+    ] if os.environ.get("LABVM_TEST_TESTBED") == "1" else []))
+    c.JupyterHub.services = c.JupyterHub.services + [_ssh]
+    c.JupyterHub.load_roles = c.JupyterHub.load_roles + _ssh_roles
+
 if os.environ.get("LABVM_TEST_SYNC_INTERVAL"):
     c.LabVMSpawner.sync_interval = float(os.environ["LABVM_TEST_SYNC_INTERVAL"])

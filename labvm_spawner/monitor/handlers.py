@@ -18,6 +18,7 @@ from ..names import check_username, is_key, is_node_name, root_key
 from ..node import auth
 from ..node.protocol import MIN_DISK
 from ..policy import parse_size
+from ..ssh.keys import BadKey
 
 
 def refused(status: int, message: str) -> web.HTTPError:
@@ -108,6 +109,43 @@ class UserStateHandler(BaseHandler):
     async def get(self) -> None:
         user = self.login_user()
         self.write(await self.monitor.user_state(user["name"]))
+
+
+class SSHKeysHandler(BaseHandler):
+    """The user's own SSH keys: GET lists them (with the gateway's address, host key and
+    a ready ssh config), POST {"key": "<one .pub line>"} adds one."""
+
+    @web.authenticated
+    async def get(self) -> None:
+        self.write(await self.monitor.ssh_view(self.login_user()["name"]))
+
+    @web.authenticated
+    async def post(self) -> None:
+        user = self.login_user()["name"]
+        body = self.json_body()
+        try:
+            added = await asyncio.to_thread(self.monitor.cluster.ssh_keys.add, user,
+                                            body.get("key"))
+        except BadKey as e:
+            raise refused(400, str(e)) from None
+        reached = await self.monitor.push_ssh_keys(user)
+        self.monitor.log.info("%s added SSH key %s", user, added["fingerprint"])
+        self.set_status(201)
+        self.write({**added, "servers_updated": reached})
+
+
+class SSHKeyHandler(BaseHandler):
+    """DELETE one of the user's own keys (another user's id is simply not found)."""
+
+    @web.authenticated
+    async def delete(self, key_id: str) -> None:
+        user = self.login_user()["name"]
+        if not await asyncio.to_thread(self.monitor.cluster.ssh_keys.delete, user,
+                                       int(key_id)):
+            raise refused(404, f"you have no SSH key {key_id}")
+        reached = await self.monitor.push_ssh_keys(user)
+        self.monitor.log.info("%s deleted SSH key %s", user, key_id)
+        self.write({"deleted": int(key_id), "servers_updated": reached})
 
 
 class HistoryHandler(BaseHandler):

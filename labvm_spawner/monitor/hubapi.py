@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
@@ -48,3 +50,39 @@ class HubApi:
         path = f"/users/{quote(user)}/server" if not server else \
             f"/users/{quote(user)}/servers/{quote(server)}"
         await self._call("POST", path, options or {})
+
+    async def progress(self, user: str, server: str = "") -> AsyncIterator[dict[str, Any]]:
+        """The start's progress events ({progress, message, ready?, failed?}) as the hub
+        sends them, until the stream ends."""
+        path = f"/users/{quote(user)}/server/progress" if not server else \
+            f"/users/{quote(user)}/servers/{quote(server)}/progress"
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        buf = b""
+
+        def chunk(data: bytes) -> None:
+            nonlocal buf
+            buf += data
+            while b"\n\n" in buf:
+                event, buf = buf.split(b"\n\n", 1)
+                for line in event.splitlines():
+                    if line.startswith(b"data:"):
+                        try:
+                            queue.put_nowait(json.loads(line[5:]))
+                        except ValueError:
+                            pass
+
+        req = HTTPRequest(self.api_url + path, headers={"Authorization": f"token {self.token}"},
+                          streaming_callback=chunk, request_timeout=3600)
+
+        async def fetch() -> None:
+            try:
+                await AsyncHTTPClient().fetch(req, raise_error=False)
+            finally:
+                queue.put_nowait(None)
+
+        task = asyncio.ensure_future(fetch())
+        try:
+            while (event := await queue.get()) is not None:
+                yield event
+        finally:
+            task.cancel()

@@ -44,7 +44,8 @@ _WRITE = 'h=$(getent passwd "$LABVM_USER" | cut -d: -f6); printf "%s" "$LABVM_NO
 _REMOVE = 'h=$(getent passwd "$LABVM_USER" | cut -d: -f6); rm -f "$h/{name}"'
 
 
-def _container(client: docker.DockerClient, key: str, node: str):  # type: ignore[no-untyped-def]
+def running_container(client: docker.DockerClient, key: str, node: str):  # type: ignore[no-untyped-def]
+    """The running container of ``key`` on ``node`` (this service's node), or None."""
     found = client.containers.list(filters={"label": [f"labvm.key={key}",
                                                       f"labvm.node={node}"]})
     return found[0] if found else None
@@ -63,7 +64,7 @@ def disk_text(used: int, limit: int) -> str:
 
 def put(client: docker.DockerClient, key: str, node: str, name: str, body: str) -> bool:
     """Write the notice ``name`` into the home of ``key``'s user; False if not running."""
-    c = _container(client, key, node)
+    c = running_container(client, key, node)
     if c is None:
         return False
     try:
@@ -78,7 +79,7 @@ def put(client: docker.DockerClient, key: str, node: str, name: str, body: str) 
 
 
 def drop(client: docker.DockerClient, key: str, node: str, name: str) -> None:
-    c = _container(client, key, node)
+    c = running_container(client, key, node)
     if c is None:
         return
     try:

@@ -25,10 +25,13 @@ from tornado import ioloop, web
 from traitlets import Float, Int, Unicode, default
 from traitlets.config import Application
 
-from .. import db
+from .. import db, names
 from ..cluster import Cluster
 from ..migration import Migrator
 from ..node.client import NodeRefused
+from ..node.secrets import write_keys
+from ..ssh import clientconfig
+from ..ssh import service as ssh_service
 from ..storage import open_store
 from . import handlers, notice
 from .collector import Collector, Sample
@@ -255,6 +258,54 @@ class MonitorService(Application):
         self.cluster.set_disk_quota(key, disk_bytes, by)
         return {"key": key, "node": node, "disk_bytes": disk_bytes, "applied": applied}
 
+    # ---- SSH keys ------------------------------------------------------------
+
+    async def ssh_view(self, user: str) -> dict[str, Any]:
+        """The user's keys, the gateway's address and host key, and their ssh config."""
+        keys = await asyncio.to_thread(self.cluster.ssh_keys.keys, user)
+        gw = ssh_service.info(self.collector.state_dir)
+        view: dict[str, Any] = {"keys": keys, "gateway": None}
+        if gw:
+            model = await self.hub.user(user) or {}
+            servers = [s for s in (model.get("servers") or {}) if s]
+            pub = " ".join(gw.get("public_key") or [])
+            view["gateway"] = {
+                "host": gw["host"], "port": gw["port"], "fingerprint": gw["fingerprint"],
+                "known_hosts": clientconfig.known_hosts_line(gw["host"], gw["port"], pub),
+                "config": clientconfig.ssh_config(user, gw["host"], gw["port"], servers),
+            }
+        return view
+
+    async def push_ssh_keys(self, user: str) -> int:
+        """Give the user's running servers their current keys; how many got them."""
+        lines = [k.line for k in await asyncio.to_thread(self.cluster.ssh_keys.public_keys,
+                                                         user)]
+        model = await self.hub.user(user) or {}
+        done = 0
+        for server, srv in (model.get("servers") or {}).items():
+            if not srv.get("ready"):
+                continue
+            key = names.root_key(user, server)
+            node = self.cluster.placement(key) or self.node_name
+            try:
+                if node == self.node_name:
+                    done += await asyncio.to_thread(self._local_keys, key, lines)
+                else:
+                    done += bool((await self.cluster.client(node).set_ssh_keys(key, lines))
+                                 .get("running"))
+            except Exception:
+                self.log.exception("could not give %s its new SSH keys", key)
+        return done
+
+    def _local_keys(self, key: str, lines: list[str]) -> bool:
+        # This service's own node: the secrets directory is the container's bind mount.
+        c = notice.running_container(self.collector.docker, key, self.node_name)
+        for m in (c.attrs.get("Mounts") or []) if c is not None else []:
+            if m.get("Destination") == "/.labvm/secrets" and m.get("Type") == "bind":
+                write_keys(Path(m["Source"]), lines)
+                return True
+        return False
+
     # ---- the web app ---------------------------------------------------------
 
     def make_app(self) -> web.Application:
@@ -279,6 +330,8 @@ class MonitorService(Application):
             (p + "api/nodes/enroll", H.EnrollHandler),
             (p + "api/me", H.UserStateHandler),
             (p + "api/me/history", H.HistoryHandler, {"admin": False}),
+            (p + "api/me/ssh", H.SSHKeysHandler),
+            (p + r"api/me/ssh/keys/(\d+)", H.SSHKeyHandler),
             (p + "metrics", H.MetricsHandler),
             (p + "oauth_callback", HubOAuthCallbackHandler),
         ]

@@ -16,14 +16,15 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from tornado import web
+from tornado import web, websocket
 
 from .. import names
 from ..errors import LabVMError
+from ..ssh.keys import check_lines
 from . import auth, registry
 from .allocations import GpuUnavailable
 from .ops import NodeOps
-from .protocol import MIN_DISK, StartRequest
+from .protocol import MIN_DISK, SSHD_PORT, StartRequest
 from .quota import QuotaError
 
 log = logging.getLogger("labvm.node")
@@ -80,6 +81,15 @@ class ActionHandler(_Handler):
             except LabVMError as e:
                 raise web.HTTPError(400, str(e)) from e
             await self.call(self.ops.start, req)
+        elif action == "ssh-keys":
+            try:
+                body = json.loads(self.request.body or b"{}")
+                if not isinstance(body, dict) or set(body) != {"keys"}:
+                    raise LabVMError("the body must be {\"keys\": [key lines]}")
+                keys = check_lines(body["keys"])
+            except (ValueError, LabVMError) as e:
+                raise web.HTTPError(400, str(e)) from None
+            await self.call(self.ops.set_ssh_keys, key, keys)
         elif action == "quota":
             try:
                 body = json.loads(self.request.body or b"{}")
@@ -95,12 +105,63 @@ class ActionHandler(_Handler):
             await self.call(getattr(self.ops, action), key)
 
 
+class SSHTunnelHandler(websocket.WebSocketHandler):
+    """``GET /v1/servers/<key>/ssh`` (websocket): a byte stream to the sshd of that
+    server's container, for the hub's SSH gateway. Bearer token as everywhere; the only
+    address it ever connects to is the container's own, port 22."""
+
+    def initialize(self, ops: NodeOps, token_hash: str, pool: ThreadPoolExecutor) -> None:
+        self.ops = ops
+        self.token_hash = token_hash
+        self.pool = pool
+        self.writer: asyncio.StreamWriter | None = None
+        self.pump: asyncio.Task | None = None
+
+    async def get(self, key: str) -> None:  # type: ignore[override]
+        if not auth.bearer_ok(self.request.headers.get("Authorization"), self.token_hash):
+            raise web.HTTPError(401)
+        loop = asyncio.get_running_loop()
+        try:
+            ip = await loop.run_in_executor(self.pool, self.ops.ssh_address, key)
+            reader, self.writer = await asyncio.open_connection(ip, SSHD_PORT)
+        except (LabVMError, OSError) as e:
+            self.set_status(404 if isinstance(e, LabVMError) else 502)
+            self.finish({"error": str(e)})
+            return
+        self.reader = reader
+        log.info("ssh tunnel to %s (%s) opened", key, ip)
+        await super().get(key)
+
+    def open(self, key: str) -> None:  # type: ignore[override]
+        self.pump = asyncio.ensure_future(self._to_gateway())
+
+    async def _to_gateway(self) -> None:
+        try:
+            while data := await self.reader.read(1 << 16):
+                await self.write_message(data, binary=True)
+        except (OSError, websocket.WebSocketClosedError):
+            pass
+        self.close()
+
+    async def on_message(self, message: str | bytes) -> None:
+        assert self.writer is not None
+        self.writer.write(message if isinstance(message, bytes) else message.encode())
+        await self.writer.drain()
+
+    def on_close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.pump is not None:
+            self.pump.cancel()
+
+
 def make_app(ops: NodeOps, token_hash: str, pool: ThreadPoolExecutor) -> web.Application:
     args = {"ops": ops, "token_hash": token_hash, "pool": pool}
     return web.Application([
         (r"/v1/info", InfoHandler, args),
         (rf"/v1/servers/{KEY}", ServerHandler, args),
-        (rf"/v1/servers/{KEY}/(start|stop|sync|discard|quota)", ActionHandler, args),
+        (rf"/v1/servers/{KEY}/ssh", SSHTunnelHandler, args),
+        (rf"/v1/servers/{KEY}/(start|stop|sync|discard|quota|ssh-keys)", ActionHandler, args),
     ])
 
 

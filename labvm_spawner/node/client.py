@@ -11,6 +11,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 from ..errors import LabVMError
 from .auth import pinned_context
@@ -63,6 +64,9 @@ class LocalNode:
 
     async def set_quota(self, key: str, disk_bytes: int | None) -> dict:
         return await asyncio.to_thread(self.ops.set_quota, key, disk_bytes)
+
+    async def set_ssh_keys(self, key: str, ssh_keys: list[str]) -> dict:
+        return await asyncio.to_thread(self.ops.set_ssh_keys, key, ssh_keys)
 
 
 class RemoteNode:
@@ -128,6 +132,27 @@ class RemoteNode:
 
     async def set_quota(self, key: str, disk_bytes: int | None) -> dict:
         return await self._call("POST", f"/v1/servers/{key}/quota", {"disk_bytes": disk_bytes})
+
+    async def set_ssh_keys(self, key: str, ssh_keys: list[str]) -> dict:
+        return await self._call("POST", f"/v1/servers/{key}/ssh-keys", {"keys": ssh_keys},
+                                timeout_s=20)
+
+    async def ssh_tunnel(self, key: str) -> WebSocketClientConnection:
+        """A websocket carrying a byte stream to the sshd of ``key``'s container."""
+        req = HTTPRequest(
+            "wss://" + self.url.split("://", 1)[1] + f"/v1/servers/{key}/ssh",
+            headers={"Authorization": f"Bearer {self._token}"},
+            ssl_options=self._ssl, connect_timeout=5, request_timeout=20)
+        try:
+            return await websocket_connect(req, max_message_size=1 << 24)
+        except HTTPClientError as e:
+            try:
+                msg = json.loads(e.response.body).get("error") if e.response else None
+            except ValueError:
+                msg = None
+            raise NodeRefused(f"node {self.name}: {msg or e}", e.code) from e
+        except OSError as e:
+            raise NodeUnreachable(f"node {self.name} did not answer ({e})") from e
 
 
 Node = LocalNode | RemoteNode

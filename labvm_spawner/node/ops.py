@@ -24,6 +24,7 @@ import docker.errors
 from .. import db
 from ..errors import LabVMError
 from ..images import USER_IMAGE
+from ..ssh.keys import check_lines
 from ..storage import open_store
 from ..storage.crash import crashpoint
 from . import containerspec, netpolicy, nvml, overlay
@@ -219,7 +220,7 @@ class NodeOps:
             self.uppers.mark_dirty(key)
             crashpoint("node.start.mounted")
 
-            secrets_dir = self.secrets.write(key, shift, req.secrets)
+            secrets_dir = self.secrets.write(key, shift, req.secrets, req.ssh_keys)
             undo.append(lambda: self.secrets.remove(key))
 
             emit(70, "Starting container")
@@ -353,6 +354,22 @@ class NodeOps:
             if released:
                 log.info("released GPU(s) %s of %s", ", ".join(released), key)
             return {"synced": synced, "last_synced": self.syncing.last_synced(key)}
+
+    def set_ssh_keys(self, key: str, ssh_keys: list[str]) -> dict:
+        """Give a running server its user's current SSH keys (the sshd reads them)."""
+        return {"key": key, "running": self.secrets.set_keys(key, check_lines(ssh_keys)),
+                "keys": len(ssh_keys)}
+
+    def ssh_address(self, key: str) -> str:
+        """Where this node reaches the sshd of ``key``'s container: its bridge address."""
+        c = self._container(key)
+        if c is None or c.status != "running":
+            raise LabVMError(f"{key} is not running on node {self.config.name}")
+        ip = (c.attrs["NetworkSettings"]["Networks"].get(self.config.network_name) or {}).get(
+            "IPAddress")
+        if not ip:
+            raise LabVMError(f"{key} has no address on node {self.config.name}")
+        return ip
 
     def set_quota(self, key: str, disk_bytes: int | None) -> dict:
         """Change the disk quota of ``key``'s upper here, live; below its usage: refused."""

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import LabVMError
 from ..names import parse_key, root_key
+from ..ssh.keys import check_lines
 
 # What sudo and apt need, and nothing more: no MKNOD (a container must not make
 # device nodes for GPUs it does not hold), no NET_RAW, no SYS_ADMIN.
@@ -26,8 +27,10 @@ CAPABILITIES = (
     "KILL",
     "SETGID",
     "SETUID",
+    "SYS_CHROOT",  # sshd's privilege separation (namespaced: the container's root only)
 )
 SERVER_PORT = 8888  # where Jupyter listens in every container
+SSHD_PORT = 22  # where sshd listens in every container (reached only via the gateway)
 MIN_MEM = 6 * 1024 * 1024  # docker refuses smaller memory limits
 
 # progress (0-100) and a message for the user's spawn page
@@ -105,6 +108,8 @@ class StartRequest:
     model: str | None = None
     sharing: bool = False
     timeout_s: float = 120
+    # The user's registered SSH public keys, one authorized_keys line each (no options).
+    ssh_keys: list[str] = field(default_factory=list)
 
     @classmethod
     def from_json(cls, data: dict) -> StartRequest:
@@ -149,6 +154,10 @@ class StartRequest:
             raise LabVMError("bad start request: sharing must be true or false")
         if not isinstance(self.timeout_s, int | float) or not 0 < self.timeout_s <= 3600:
             raise LabVMError(f"bad start request: timeout_s {self.timeout_s!r}")
+        try:
+            check_lines(self.ssh_keys)
+        except LabVMError as e:
+            raise LabVMError(f"bad start request: {e}") from None
         return _limits(self.limits)
 
 

@@ -31,6 +31,47 @@ put /etc/sudoers.d/labvm-user 440 "$LABVM_USER ALL=(ALL:ALL) NOPASSWD:ALL"
 put /etc/profile.d/labvm-gpus.sh 644 "export CUDA_VISIBLE_DEVICES=\"${CUDA_VISIBLE_DEVICES:-}\"
 export NVIDIA_VISIBLE_DEVICES=\"${NVIDIA_VISIBLE_DEVICES:-none}\""
 
+# sshd, reached only through the hub's SSH gateway (labvm-ssh): the user's keys come
+# with the secrets (and change there while it runs); no passwords, no root login.
+if [ -x /usr/sbin/sshd ]; then
+  mkdir -p /run/sshd /run/labvm-sshd
+  chmod 755 /run/sshd
+  hostkey=/etc/ssh/ssh_host_ed25519_key  # the user's own, kept in their layer
+  if [ ! -s "$hostkey" ]; then
+    rm -f "$hostkey" "$hostkey.pub"
+    ssh-keygen -q -t ed25519 -N '' -C "labvm-$LABVM_USER" -f "$hostkey" 2>/dev/null || {
+      hostkey=/run/labvm-sshd/ssh_host_ed25519_key  # disk full: one for this start
+      ssh-keygen -q -t ed25519 -N '' -f "$hostkey"; }
+  fi
+  # sshd refuses a locked account ("!"): "*" unlocks it for keys, and no password matches.
+  case "$(getent shadow "$LABVM_USER" | cut -d: -f2)" in
+    '!'*) usermod -p '*' "$LABVM_USER" ;;
+  esac
+  cat > /run/labvm-sshd/sshd_config <<EOF
+Port 22
+HostKey $hostkey
+PidFile /run/labvm-sshd/sshd.pid
+AuthorizedKeysFile /.labvm/secrets/authorized_keys
+AuthenticationMethods publickey
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin no
+AllowUsers $LABVM_USER
+UsePAM no
+AllowTcpForwarding yes
+PermitOpen localhost:* 127.0.0.1:* [::1]:*
+GatewayPorts no
+AllowAgentForwarding yes
+X11Forwarding no
+PrintMotd no
+LogLevel VERBOSE
+SetEnv CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-} NVIDIA_VISIBLE_DEVICES=${NVIDIA_VISIBLE_DEVICES:-none}
+Subsystem sftp internal-sftp
+EOF
+  /usr/sbin/sshd -f /run/labvm-sshd/sshd_config -E /run/labvm-sshd/sshd.log \
+    || echo "labvm: sshd did not start (see /run/labvm-sshd/sshd.log)" >&2
+fi
+
 # Jupyter's runtime files (the server's, kernels' connection files) go on the /run
 # tmpfs, so a kernel or a terminal still opens when the disk quota is full.
 rt="/run/user/$(id -u "$LABVM_USER")"

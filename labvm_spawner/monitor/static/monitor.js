@@ -271,6 +271,46 @@
     }
   }
 
+  // ---- the user's SSH keys -----------------------------------------------------
+  const sshStatus = (msg, failed) => {
+    const el = document.getElementById("ssh-status");
+    el.textContent = msg;
+    el.className = failed ? "failed" : "note";
+  };
+
+  async function renderSSH() {
+    const v = await api("api/me/ssh");
+    document.getElementById("ssh-keys").innerHTML = v.keys.length
+      ? `<table><tr><th>Key</th><th>Fingerprint</th><th>Added</th><th></th></tr>` + v.keys.map((k) =>
+        `<tr data-ssh-key="${k.id}"><td>${esc(k.algorithm)} ${esc(k.comment)}</td><td><code>${esc(k.fingerprint)}</code></td>
+         <td>${esc(k.added)}</td><td><button data-ssh-delete="${k.id}" data-fingerprint="${esc(k.fingerprint)}">Delete</button></td></tr>`).join("") + "</table>"
+      : "<p>You have no SSH key yet.</p>";
+    const gw = v.gateway;
+    document.getElementById("ssh-gateway").innerHTML = gw
+      ? `<p>Gateway <code>${esc(gw.host)}:${gw.port}</code>, host key <code id="ssh-fingerprint">${esc(gw.fingerprint)}</code>
+         (check it the first time you connect).</p>
+         <p>Put this in your <code>~/.ssh/config</code>, then <code>ssh labvm</code>:</p>
+         <pre id="ssh-config">${esc(gw.config)}</pre>
+         <p>And this line in <code>~/.ssh/known_hosts</code>, to trust the gateway without asking:</p>
+         <pre id="ssh-known-hosts">${esc(gw.known_hosts)}</pre>`
+      : `<p class="note">The SSH gateway is not running on this hub.</p>`;
+  }
+
+  const sshForm = document.getElementById("ssh-add");
+  if (sshForm) {
+    sshForm.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      const text = document.getElementById("ssh-key");
+      try {
+        const r = await post("api/me/ssh", { key: text.value });
+        text.value = "";
+        sshStatus(`Added ${r.fingerprint}` + (r.servers_updated ? `; ${r.servers_updated} running server(s) have it now.` : "."));
+      } catch (e) { sshStatus("Not added: " + e.message, true); }
+      renderSSH().catch((e) => sshStatus("Could not load your keys: " + e.message, true));
+    });
+    renderSSH().catch((e) => sshStatus("Could not load your keys: " + e.message, true));
+  }
+
   // ---- migrations ------------------------------------------------------------
   const migrationStatus = (msg, failed) => {
     const el = document.getElementById("migration-status");
@@ -306,7 +346,13 @@
   document.addEventListener("click", async (ev) => {
     const b = ev.target;
     try {
-      if (b.dataset.stop !== undefined) {
+      if (b.dataset.sshDelete !== undefined) {
+        if (!confirm(`Delete the SSH key ${b.dataset.fingerprint}? It stops working at once.`)) return;
+        await api(`api/me/ssh/keys/${Number(b.dataset.sshDelete)}`, { method: "DELETE" });
+        sshStatus(`Deleted ${b.dataset.fingerprint}.`);
+        await renderSSH();
+        return;
+      } else if (b.dataset.stop !== undefined) {
         if (!confirm(`Stop the server of ${b.dataset.stop}? Their files are kept.`)) return;
         await post("api/admin/stop", { user: b.dataset.stop, server: b.dataset.server });
         status(`Stopping the server of ${b.dataset.stop}.`);
