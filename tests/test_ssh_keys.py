@@ -31,7 +31,8 @@ def test_a_pasted_key_line_is_parsed_and_fingerprinted_like_ssh_keygen(pub, tmp_
 
 @pytest.mark.parametrize("text, says", [
     ("", "not an OpenSSH public key"),
-    ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn\n-----END", "several lines"),
+    ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn\n-----END", "private key"),
+    ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK9VD8fCDBHhi8U3VQmpC+9BmCB52MY a\nb", "several lines"),
     ("-----BEGIN OPENSSH PRIVATE KEY-----", "private key"),
     ('command="rm -rf /" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK9VD8fCDBHhi8U3VQmpC+9BmCB52MY',
      "options are not accepted"),

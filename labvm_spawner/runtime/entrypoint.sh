@@ -32,7 +32,8 @@ put /etc/profile.d/labvm-gpus.sh 644 "export CUDA_VISIBLE_DEVICES=\"${CUDA_VISIB
 export NVIDIA_VISIBLE_DEVICES=\"${NVIDIA_VISIBLE_DEVICES:-none}\""
 
 # sshd, reached only through the hub's SSH gateway (labvm-ssh): the user's keys come
-# with the secrets (and change there while it runs); no passwords, no root login.
+# with the secrets (and change there while it runs); no passwords, no root login. The
+# secrets are root's only, so sshd reads the keys as root (a command), not as the user.
 if [ -x /usr/sbin/sshd ]; then
   mkdir -p /run/sshd /run/labvm-sshd
   chmod 755 /run/sshd
@@ -51,7 +52,9 @@ if [ -x /usr/sbin/sshd ]; then
 Port 22
 HostKey $hostkey
 PidFile /run/labvm-sshd/sshd.pid
-AuthorizedKeysFile /.labvm/secrets/authorized_keys
+AuthorizedKeysFile none
+AuthorizedKeysCommand /bin/cat /.labvm/secrets/authorized_keys
+AuthorizedKeysCommandUser root
 AuthenticationMethods publickey
 PasswordAuthentication no
 KbdInteractiveAuthentication no

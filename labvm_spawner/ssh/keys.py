@@ -51,18 +51,18 @@ def parse(text: object) -> PublicKey:
     if not isinstance(text, str):
         raise BadKey("a key must be text: the one line of your id_ed25519.pub")
     text = text.strip()
+    if text.startswith(("-----BEGIN", "PuTTY")) or "PRIVATE KEY" in text:
+        raise BadKey("this is a private key or a PuTTY file: paste the public key, the "
+                     "one line of your id_ed25519.pub (and keep the private one to yourself)")
     if "\n" in text or "\r" in text:
         raise BadKey("paste one key per line (this has several lines)")
     m = _LINE.fullmatch(text)
     if m is None:
-        if text.startswith(("-----BEGIN", "PuTTY")):
-            raise BadKey("this is a private key or a PuTTY file: paste the public key, "
-                            "the one line of your id_ed25519.pub")
         raise BadKey("this is not an OpenSSH public key line (it should look like "
-                        "'ssh-ed25519 AAAA... you@laptop'; key options are not accepted)")
+                     "'ssh-ed25519 AAAA... you@laptop'; key options are not accepted)")
     if m["type"] not in KEY_TYPES:
         raise BadKey(f"keys of type {m['type'][:40]} are not accepted (use ssh-ed25519, "
-                        "ecdsa or rsa of at least 2048 bits)")
+                     "ecdsa or rsa of at least 2048 bits)")
     try:
         key = asyncssh.import_public_key(f"{m['type']} {m['blob']}")
     except (asyncssh.KeyImportError, ValueError) as e:
