@@ -24,6 +24,7 @@ from support.jupyter_exec import run
 pytestmark = pytest.mark.e2e
 
 PORT = 22000
+SSH_PORT = 22022
 ADMIN = "/services/labvm-monitor/"
 
 
@@ -41,7 +42,8 @@ def testbed(moosefs, labvm_image, fake_gpu_dev, chp, docker_client):
 
 @pytest.fixture(scope="module")
 def hub(testbed):
-    h = testbed.hub(testbed.work / "hubbase", PORT)
+    h = testbed.hub(testbed.work / "hubbase", PORT,
+                    env={"LABVM_TEST_SSH": "1", "LABVM_TEST_SSH_PORT": str(SSH_PORT)})
     h.start()
     testbed.enroll(h)
     h.create_user("boss")
@@ -186,6 +188,39 @@ def test_migration_moves_everything_and_deletions_stay(testbed, hub):
     rc, out = run(hub, "alice", CHECK)
     assert rc == 0 and "ALL-GOOD" in out, out
     hub.unspawn("alice")
+
+
+def test_ssh_reaches_a_user_on_either_node_and_after_a_migration(testbed, hub, tmp_path):
+    """The gateway in the hub reaches the sshd of a container on a node through that
+    node's agent (no port on the node), and again after a move, with the same config."""
+    from support.monitorharness import login_token
+    from support.sshclient import Client, keygen
+
+    hub.create_user("sam")
+    token = login_token(hub, "sam")
+    key, pub = keygen(tmp_path, "sam")
+    r = admin(hub, "POST", "api/me/ssh", token=token, json={"key": pub})
+    assert r.status_code == 201, r.text
+    deadline = time.monotonic() + 30
+    while not (page := admin(hub, "GET", "api/me/ssh", token=token).json())["gateway"]:
+        assert time.monotonic() < deadline, "the SSH gateway did not start"
+        time.sleep(0.5)
+    sam = Client(tmp_path, "sam", key, page)
+    hub.spawn("sam", timeout=300)
+    home = node_of(testbed, "sam")
+    other = "b" if home == "a" else "a"
+    sam.ssh("echo written-on-$(hostname) > ~/where.txt && sudo -n true", check=True)
+    # Nothing on the node listens for it: sshd is on the container's bridge only.
+    c = testbed.docker(home).containers.get(f"labvm-{home}-sam")
+    assert not c.attrs["NetworkSettings"]["Ports"].get("22/tcp")
+    m = migrate(hub, "sam", other)
+    assert m["state"] == "done", m
+    p = sam.ssh("cat ~/where.txt; id -un", check=True)
+    assert p.stdout.split() == ["written-on-sam", "sam"]
+    log = (Path(hub.env["LABVM_TEST_STATE"]) / "ssh" / "audit.log").read_text().splitlines()
+    nodes = [json.loads(x)["node"] for x in log if json.loads(x)["event"] == "forward"]
+    assert nodes == [home, other]
+    hub.unspawn("sam")
 
 
 QUOTA_FILL = 'dd if=/dev/zero of="$HOME/{name}" bs=1M count={mb} conv=fsync 2>&1; echo "dd-rc=$?"'
