@@ -1,0 +1,119 @@
+"""scp through the SSH gateway against scp straight to the container's sshd, alternating.
+
+One real hub (the test configuration) with the gateway (labvm-ssh) starts a server.
+The user's key is registered, then Debian's OpenSSH ``scp`` copies a file of
+BENCH_SSH_MB MiB (default 1024) into the container's home:
+
+- gateway: ``scp -J user@127.0.0.1:PORT user@default:`` (the path every user takes);
+- direct:  ``scp user@<container bridge address>:`` (only this host can do that).
+
+Each round runs both, the order flipping every round. Login latency is the median of
+20 ``ssh ... true`` each way.
+
+    .venv/bin/python bench/ssh.py     # BENCH_ROUNDS=4, BENCH_SSH_MB=1024
+
+Last line: ssh_ratio=<direct time / gateway time> (goal >= 0.8).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
+
+import docker  # noqa: E402
+from _common import alternate  # noqa: E402
+from desktop import cleanup  # noqa: E402
+from support.helpers import container_of  # noqa: E402
+from support.hubharness import node_hub  # noqa: E402
+from support.sshclient import keygen  # noqa: E402
+
+from labvm_spawner import images  # noqa: E402
+from labvm_spawner.ssh.keystore import KeyStore  # noqa: E402
+
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "4"))
+MB = int(os.environ.get("BENCH_SSH_MB", "1024"))
+ROOT = Path(os.environ.get("LABVM_TEST_ROOT", "/var/lib/labvm-test"))
+PORT = 20030
+SSH_PORT = 20052
+USER = "bench"
+
+
+def main() -> int:
+    client = docker.from_env()
+    image = images.build_all(client)
+    node = f"bench-{uuid.uuid4().hex[:8]}"
+    base = ROOT / node
+    hub = node_hub(base, node, image, ROOT / "rootfs", port=PORT, env={
+        "LABVM_TEST_SSH": "1", "LABVM_TEST_SSH_PORT": str(SSH_PORT)})
+    tmp = Path(tempfile.mkdtemp(prefix="labvm-bench-ssh-"))
+    try:
+        hub.start()
+        hub.create_user(USER)
+        key, pub = keygen(tmp, USER)
+        KeyStore(f"sqlite:///{hub.env['LABVM_TEST_STATE']}/labvm.sqlite").add(USER, pub)
+        hub.spawn(USER)
+        ip = next(iter(container_of(client, USER).attrs["NetworkSettings"]["Networks"]
+                       .values()))["IPAddress"]
+        opts = ["-F", "/dev/null", "-i", str(key), "-o", "IdentitiesOnly=yes", "-o",
+                "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o",
+                f"UserKnownHostsFile={tmp}/known_hosts", "-o", "LogLevel=ERROR"]
+        jump = ["-o", f"ProxyCommand=ssh {' '.join(opts)} -p {SSH_PORT} -W default:22 "
+                f"{USER}@127.0.0.1"]
+        routes = {"gateway": (jump, "default"), "direct": ([], ip)}
+        deadline = time.monotonic() + 60
+        while subprocess.run(["ssh", *opts, *jump, f"{USER}@default", "true"]).returncode:
+            assert time.monotonic() < deadline, "the gateway did not let the user in"
+            time.sleep(1)
+
+        data = tmp / "big.bin"
+        with open(data, "wb") as f:
+            for _ in range(MB):
+                f.write(os.urandom(1 << 20))
+
+        def copy(route: str):
+            extra, host = routes[route]
+
+            def run() -> None:
+                subprocess.run(["scp", "-q", *opts, *extra, str(data), f"{USER}@{host}:big.bin"],
+                               check=True)
+            return run
+
+        times: dict[str, list[float]] = {}
+        for r in range(ROUNDS):
+            took = alternate(r, {"gateway": copy("gateway"), "direct": copy("direct")}, times)
+            print(f"round {r + 1}: " + "  ".join(
+                f"{k} {v:.2f} s ({MB / v:.0f} MiB/s)" for k, v in took.items()), flush=True)
+
+        login: dict[str, list[float]] = {"gateway": [], "direct": []}
+        for i in range(20):
+            for route in (("gateway", "direct") if i % 2 == 0 else ("direct", "gateway")):
+                extra, host = routes[route]
+                t0 = time.perf_counter()
+                subprocess.run(["ssh", *opts, *extra, f"{USER}@{host}", "true"], check=True)
+                login[route].append(time.perf_counter() - t0)
+    finally:
+        cleanup(hub, client, node, base)
+        subprocess.run(["rm", "-rf", str(tmp)], check=False)
+
+    gw, di = statistics.median(times["gateway"]), statistics.median(times["direct"])
+    print(f"scp of {MB} MiB, median of {ROUNDS}: gateway {gw:.2f} s ({MB / gw:.0f} MiB/s), "
+          f"direct {di:.2f} s ({MB / di:.0f} MiB/s)")
+    print(f"login (ssh true), median of 20: gateway "
+          f"{statistics.median(login['gateway']) * 1000:.0f} ms, direct "
+          f"{statistics.median(login['direct']) * 1000:.0f} ms")
+    print(f"ssh_ratio={di / gw:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
