@@ -48,6 +48,12 @@ SSH_PORT = 20052
 USER = "bench"
 
 
+def busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (all cores), from /proc/stat."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(f) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> int:
     client = docker.from_env()
     image = images.build_all(client)
@@ -84,11 +90,14 @@ def main() -> int:
             extra, host = routes[route]
 
             def run() -> None:
+                b0 = busy_s()
                 subprocess.run(["scp", "-q", *opts, *extra, str(data), f"{USER}@{host}:big.bin"],
                                check=True)
+                cpu.setdefault(route, []).append(busy_s() - b0)
             return run
 
         times: dict[str, list[float]] = {}
+        cpu: dict[str, list[float]] = {}
         for r in range(ROUNDS):
             took = alternate(r, {"gateway": copy("gateway"), "direct": copy("direct")}, times)
             print(f"round {r + 1}: " + "  ".join(
@@ -108,6 +117,9 @@ def main() -> int:
     gw, di = statistics.median(times["gateway"]), statistics.median(times["direct"])
     print(f"scp of {MB} MiB, median of {ROUNDS}: gateway {gw:.2f} s ({MB / gw:.0f} MiB/s), "
           f"direct {di:.2f} s ({MB / di:.0f} MiB/s)")
+    print(f"CPU seconds per GiB (the whole machine, {os.cpu_count()} cores): gateway "
+          f"{statistics.median(cpu['gateway']) * 1024 / MB:.1f}, direct "
+          f"{statistics.median(cpu['direct']) * 1024 / MB:.1f}")
     print(f"login (ssh true), median of 20: gateway "
           f"{statistics.median(login['gateway']) * 1000:.0f} ms, direct "
           f"{statistics.median(login['direct']) * 1000:.0f} ms")

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,8 @@ from labvm_spawner.ssh.throttle import Throttle
 class Scene:
     """A gateway in a thread of its own, an echo server standing in for alice's sshd."""
 
-    def __init__(self, tmp: Path, max_fails: int = 10, start_on_connect: bool = False):
+    def __init__(self, tmp: Path, max_fails: int = 10, start_on_connect: bool = False,
+                 tokens: dict[str, str] | None = None):
         self.tmp = tmp
         self.keys = KeyStore(f"sqlite:///{tmp}/labvm.sqlite")
         self.audit_path = tmp / "ssh" / "audit.log"
@@ -51,8 +54,12 @@ class Scene:
         async def main() -> None:
             srv = await asyncio.start_server(echo, "127.0.0.1", 0)
             self.echo_port = srv.sockets[0].getsockname()[1]
+            async def check_token(user: str, token: str) -> bool:
+                return (tokens or {}).get(user) == token
+
             gw = Gateway(self.keys, locate, AuditLog(self.audit_path),
                          Throttle(max_fails, 100, 300), "http://hub/", start=start,
+                         check_token=check_token if tokens is not None else None,
                          start_on_connect=start_on_connect, public_host="127.0.0.1")
             key = hostkey.load_or_make(tmp / "ssh" / "host_key")
             self.server = await gw.listen("127.0.0.1", 0, key)
@@ -78,8 +85,15 @@ class Scene:
              *args, f"{user}@127.0.0.1", *([command] if command else [])],
             input=stdin, capture_output=True, text=True, timeout=60)
 
-    def audit(self) -> list[dict]:
-        return [json.loads(x) for x in self.audit_path.read_text().splitlines()]
+    def audit(self, until=None) -> list[dict]:  # type: ignore[no-untyped-def]
+        """The audit log; with ``until``, once it holds (a refusal is logged when the
+        gateway sees the connection close, just after the client has exited)."""
+        deadline = time.monotonic() + 10
+        while True:
+            log = [json.loads(x) for x in self.audit_path.read_text().splitlines()]
+            if until is None or until(log) or time.monotonic() > deadline:
+                return log
+            time.sleep(0.05)
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.server.close)
@@ -146,7 +160,8 @@ def test_unknown_keys_and_users_are_refused_and_logged(scene) -> None:
     for key, user in ((stranger, "alice"), (alice, "bob"), (alice, "../etc")):
         p = scene.ssh(key, user, "-W", "default:22")
         assert p.returncode == 255 and "Permission denied (publickey)" in p.stderr
-    refused = [(r["user"], r["reason"]) for r in scene.audit() if r["event"] == "login-refused"]
+    log = scene.audit(lambda log: len([r for r in log if r["event"] == "login-refused"]) == 3)
+    refused = [(r["user"], r["reason"]) for r in log if r["event"] == "login-refused"]
     assert refused == [("alice", "no registered key matched"),
                        ("bob", "no registered key matched"),
                        ("../etc", "no registered key matched")]
@@ -167,6 +182,39 @@ def test_failed_logins_from_one_source_are_throttled(tmp_path) -> None:
                    in r["reason"] for r in scene.audit())
     finally:
         scene.close()
+
+
+def test_hub_tokens_as_passwords_only_when_turned_on(tmp_path) -> None:
+    """With the setting, a user's hub API token is a password (asked through SSH_ASKPASS,
+    as a person would type it); a wrong one is refused and logged."""
+    scene = Scene(tmp_path, tokens={"alice": "tok-alice"})
+    try:
+        for password, works in (("tok-alice", True), ("tok-bob", False)):
+            askpass = tmp_path / "askpass"
+            askpass.write_text(f"#!/bin/sh\necho {password}\n")
+            askpass.chmod(0o700)
+            p = subprocess.run(
+                ["ssh", "-F", "/dev/null", "-p", str(scene.port), "-o", "PubkeyAuthentication=no",
+                 "-o", "PreferredAuthentications=password", "-o", "NumberOfPasswordPrompts=1",
+                 "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                 "-W", "default:22", "alice@127.0.0.1"], input="pw\n", capture_output=True,
+                text=True, timeout=60,
+                env={**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force",
+                     "DISPLAY": ":0"})
+            assert (p.stdout == "pw\n") is works, p.stderr
+        log = scene.audit(lambda log: any(r["event"] == "login-refused" for r in log))
+        assert [r.get("method") for r in log if r["event"] == "login"] == ["hub-token"]
+        assert [r["user"] for r in log if r["event"] == "login-refused"] == ["alice"]
+    finally:
+        scene.close()
+    # Off (the default): the gateway does not even offer passwords.
+    off = Scene(tmp_path / "off")
+    try:
+        p = off.ssh(tmp_path / "none", "alice", "-o", "PubkeyAuthentication=no",
+                    "-W", "default:22")
+        assert "Permission denied (publickey)" in p.stderr
+    finally:
+        off.close()
 
 
 def test_the_host_key_is_made_once_and_must_stay_private(tmp_path) -> None:
