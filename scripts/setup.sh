@@ -23,6 +23,7 @@ have node || pkgs+=(nodejs)
 have npm || pkgs+=(npm)
 have setfattr || pkgs+=(attr)
 have rsync || pkgs+=(rsync)
+have ssh || pkgs+=(openssh-client)  # ssh-keygen; the SSH tests and bench/ssh.py
 have ip || pkgs+=(iproute2)
 have openssl || pkgs+=(openssl)  # node agents make their TLS certificates
 have nsenter || pkgs+=(util-linux)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from support.browser import ARTIFACTS, launch, log_in
 from support.helpers import container_of, fixture_uuids, sh, state_dir
 from support.monitorharness import start_monitor
 from support.sshclient import Client, keygen
@@ -82,6 +83,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def add_key_in_browser(mon, pub: str) -> None:  # noqa: ANN001
+    """Alice adds her key on her own page in a real browser, and sees what to copy."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = log_in(browser.new_context(), mon.hub.url, ALICE, mon.hub.password)
+            page.goto(mon.url + "me")
+            page.wait_for_selector("#ssh-config", timeout=30000)
+            page.fill("#ssh-key", pub)
+            page.click("#ssh-add button[type=submit]")
+            page.wait_for_selector("#ssh-keys td:has-text('alice@laptop')", timeout=30000)
+            assert "Added SHA256:" in page.inner_text("#ssh-status")
+            assert f"ProxyJump {ALICE}@127.0.0.1:{SSH_PORT}" in page.inner_text("#ssh-config")
+            assert page.inner_text("#ssh-fingerprint").startswith("SHA256:")
+            page.screenshot(path=str(ARTIFACTS / "ssh-user-page.png"), full_page=True)
+        finally:
+            browser.close()
+
+
 def test_users_reach_their_own_containers_over_ssh(hub_factory, docker_client, tmp_path):
     mon = start_monitor(hub_factory, tmp_path, port=PORT, env={
         "LABVM_TEST_SSH": "1", "LABVM_TEST_SSH_PORT": str(SSH_PORT),
@@ -98,10 +120,10 @@ def test_users_reach_their_own_containers_over_ssh(hub_factory, docker_client, t
     assert r.status_code == 400 and "public key" in r.json()["message"], r.text
     r = mon.post("api/me/ssh", {"key": "ssh-ed25519 AAAA; rm -rf /"}, user=ALICE)
     assert r.status_code == 400, r.text
-    r = mon.post("api/me/ssh", {"key": alice_pub}, user=ALICE)
-    assert r.status_code == 201, r.text
+    mon.wait(lambda v: v["gateway"], path="api/me/ssh", user=ALICE)  # the gateway is up
+    add_key_in_browser(mon, alice_pub)
     assert mon.post("api/me/ssh", {"key": bob_pub}, user=BOB).status_code == 201
-    page = mon.wait(lambda v: v["gateway"], path="api/me/ssh", user=ALICE)  # it has started
+    page = mon.get("api/me/ssh", user=ALICE).json()
     assert [k["comment"] for k in page["keys"]] == ["alice@laptop"]
     gw = page["gateway"]
     assert gw["port"] == SSH_PORT and gw["fingerprint"].startswith("SHA256:")
@@ -181,6 +203,32 @@ def test_users_reach_their_own_containers_over_ssh(hub_factory, docker_client, t
     finally:
         tunnel.terminate()
         tunnel.wait(10)
+
+    # ---- ssh -R: the laptop's web server, seen from the container ------------------
+    laptop = subprocess.Popen(["python3", "-u", "-m", "http.server", "0", "--bind", "127.0.0.1"],
+                              cwd=tmp_path / "data", stdout=subprocess.PIPE, text=True)
+    try:
+        laptop_port = int(laptop.stdout.readline().split(" port ")[1].split()[0])
+        p = alice.run("-o", "ExitOnForwardFailure=yes", "-R", f"9777:127.0.0.1:{laptop_port}",
+                      "labvm", "curl -fsS http://127.0.0.1:9777/run.sh", check=True)
+        assert p.stdout == "#!/bin/sh\necho hi\n"
+    finally:
+        laptop.terminate()
+        laptop.wait(10)
+
+    # ---- agent forwarding: her laptop's agent signs inside the container -----------------
+    agent_sock = tmp_path / "agent.sock"
+    agent = subprocess.run(["ssh-agent", "-a", str(agent_sock)], capture_output=True, text=True,
+                           check=True)
+    agent_pid = int(agent.stdout.split("SSH_AGENT_PID=")[1].split(";")[0])
+    try:
+        env = {**os.environ, "SSH_AUTH_SOCK": str(agent_sock)}
+        subprocess.run(["ssh-add", "-q", str(alice_key)], env=env, check=True)
+        p = alice.run("-A", "-o", f"IdentityAgent={agent_sock}", "labvm", "ssh-add -l",
+                      check=True)
+        assert page["keys"][0]["fingerprint"] in p.stdout
+    finally:
+        os.kill(agent_pid, 15)
 
     # ---- tmux outlives a dropped connection ------------------------------------------
     attached = subprocess.Popen(["ssh", "-F", str(alice.config), "-tt", "labvm",
