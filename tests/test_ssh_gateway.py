@@ -30,12 +30,15 @@ class Scene:
         self.audit_path = tmp / "ssh" / "audit.log"
         self.running = {"alice": True}
         self.started: list[str] = []
+        self.broken = False  # the hub stops answering
         self.loop = asyncio.new_event_loop()
         self.echo_port = 0
         self.port = 0
         ready = threading.Event()
 
         async def locate(user: str, server: str) -> Route:
+            if self.broken:
+                raise OSError("Connection refused")
             if server or not self.running.get(user):
                 raise Stopped(f"LabVM: {user}'s server {server or 'default'} is not running")
             return Route(user, "local", ip="127.0.0.1", port=self.echo_port)
@@ -139,6 +142,15 @@ def test_a_stopped_server_is_named_and_a_session_can_start_it(scene) -> None:
     assert p.stdout == "up\n"
     p = scene.ssh(key, "alice", command="rm -rf /")
     assert p.returncode == 2 and "runs no commands" in p.stderr
+
+
+def test_a_hub_that_does_not_answer_gets_a_sentence_not_a_hang(scene) -> None:
+    key = scene.keygen("alice")
+    scene.keys.add("alice", (key.with_suffix(".pub")).read_text())
+    scene.broken = True
+    p = scene.ssh(key, "alice", "-W", "default:22")
+    assert p.returncode != 0
+    assert "LabVM cannot find your server just now (Connection refused)" in p.stderr
 
 
 def test_start_on_connect_starts_a_stopped_server_and_then_connects(tmp_path) -> None:

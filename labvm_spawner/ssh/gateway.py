@@ -303,7 +303,14 @@ class _Server(asyncssh.SSHServer):
         target = f"{dest_host[:64]}:{dest_port}"
         try:
             server = target_server(dest_host, dest_port)
-            route = await self.gw.route(user, server, self.source)
+            try:
+                route = await self.gw.route(user, server, self.source)
+            except Refused:
+                raise
+            except Exception as e:  # the hub or a node did not answer: say so, log the rest
+                log.exception("finding %s's server %r", user, server)
+                raise Refused(f"LabVM cannot find your server just now ({e}); try again in "
+                              "a moment") from None
         except Refused as e:
             self.gw.audit("forward-refused", user=user, source=self.source, kind="direct",
                           target=target, reason=str(e))

@@ -131,7 +131,9 @@ class SSHService(Application):
                           + (f" {server}" if server else ""))
         key = names.root_key(user, server)
         node = self.cluster.placement(key) or self.local_node
-        if node and node == self.local_node:
+        if not node:
+            raise Refused(f"LabVM: {label} has no node on record; ask your admin")
+        if node == self.local_node:
             ip = await asyncio.to_thread(self._local_ip, key)
             return Route(key, node, ip=ip)
         client = self.cluster.client(node)
