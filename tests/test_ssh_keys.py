@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from labvm_spawner.errors import LabVMError
 from labvm_spawner.ssh import clientconfig, keys
@@ -100,3 +102,33 @@ Host labvm-gpu
 """
     assert clientconfig.known_hosts_line("hub.lab", 2222, "ssh-ed25519 AAAA") == \
         "[hub.lab]:2222 ssh-ed25519 AAAA"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=300),
+       st.sampled_from(["", "ssh-ed25519 ", "ssh-rsa ", 'command="x" ssh-ed25519 ']))
+def test_no_pasted_text_becomes_more_than_one_plain_key_line(text, prefix) -> None:
+    """Whatever a user pastes, what is kept is one line of type, base64 and a tame comment,
+    which parses again to the same key: never an option, a second line or a control byte."""
+    try:
+        k = keys.parse(prefix + text)
+    except keys.BadKey:
+        return
+    assert k.algorithm in keys.KEY_TYPES
+    assert keys.authorized_keys([k]).count("\n") == 1
+    assert not any(ord(c) < 32 or ord(c) == 127 for c in k.line)
+    assert keys.parse(k.line) == k
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=80), st.integers(0, 200))
+def test_a_real_key_with_anything_spliced_in_stays_one_plain_line(pub, extra, at) -> None:
+    line = pub.strip()
+    at = min(at, len(line))
+    try:
+        k = keys.parse(line[:at] + extra + line[at:])
+    except keys.BadKey:
+        return
+    assert keys.authorized_keys([k]).count("\n") == 1
+    assert not any(ord(c) < 32 or ord(c) == 127 for c in k.line)
+    assert keys.parse(k.line) == k
