@@ -82,21 +82,6 @@ c.JupyterHub.services.append(_ssh)
 c.JupyterHub.load_roles.extend(_ssh_roles)
 # ---- END labvm ssh ----
 
-# ---- BEGIN labvm ssh (issue 15) ----
-# The SSH gateway on port 2222: users reach the sshd in their own containers with the keys
-# they add on their LabVM page (README, "SSH"), never with passwords. Set
-# --SSHService.public_host to the name users reach this machine by.
-from labvm_spawner.ssh.service import hub_service as ssh_service  # noqa: E402
-
-_ssh, _ssh_roles = ssh_service(args=[
-    f"--SSHService.state_dir={state}",
-    "--SSHService.local_node=local",
-    "--SSHService.port=2222",
-])
-c.JupyterHub.services.append(_ssh)
-c.JupyterHub.load_roles.extend(_ssh_roles)
-# ---- END labvm ssh ----
-
 # Last: never serve log-ins in clear on a non-loopback address (README, "HTTPS").
 from labvm_spawner.hubconfig import require_tls  # noqa: E402
 
