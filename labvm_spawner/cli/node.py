@@ -196,6 +196,7 @@ class NodeAgent(NodeSettings, Application):
         "container-uid": "NodeAgent.container_uid", "stop-timeout": "NodeAgent.stop_timeout",
         "capability": "NodeAgent.capabilities", "secrets-root": "NodeAgent.secrets_root",
         "sync-interval": "NodeAgent.sync_interval",
+        "lease-grace": "NodeAgent.lease_grace",
         "cluster-net": "NodeAgent.cluster_networks",
         "allow-net": "NodeAgent.container_allow_networks",
         "allow-image": "NodeAgent.allowed_images", "publish-ip": "NodeAgent.publish_ip",

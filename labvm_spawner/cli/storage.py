@@ -226,6 +226,8 @@ def _prune(args: argparse.Namespace) -> int:
     store = _existing_store(args)
     for n in store.prune(args.key, args.keep):
         print(f"{args.key}: deleted version {n}")
+    for n, holders in store.skipped.get(args.key, {}).items():
+        print(f"{args.key}: kept version {n}: in use on node(s) {', '.join(holders)}")
     return 0
 
 

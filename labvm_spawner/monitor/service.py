@@ -32,7 +32,7 @@ from ..node.client import NodeRefused
 from ..node.secrets import write_keys
 from ..ssh import clientconfig
 from ..ssh import service as ssh_service
-from ..storage import open_store
+from ..storage import StoreError, open_store
 from . import handlers, notice
 from .collector import Collector, Sample
 from .history import History, RecentSamples
@@ -237,7 +237,10 @@ class MonitorService(Application):
             raise web.HTTPError(409, f"stop the server of {key} before restoring its root")
         if version not in store.versions(key):
             raise web.HTTPError(404, f"{key} has no version {version}")
-        return await asyncio.to_thread(store.restore, key, version)
+        try:
+            return await asyncio.to_thread(store.restore, key, version)
+        except StoreError as e:  # running on a node (its lease): nothing changed
+            raise web.HTTPError(409, "%s", str(e)) from None
 
     async def set_disk_quota(self, key: str, disk_bytes: int | None, by: str) -> dict[str, Any]:
         """An admin's disk quota for ``key``: applied live where its upper is, then kept

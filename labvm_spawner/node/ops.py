@@ -8,6 +8,7 @@ and take and return plain JSON-able values.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -89,6 +90,11 @@ class NodeOps:
                     log.warning("unmounting the root of %s: no running container", p.name)
                     overlay.unmount_root(self.paths(p.name))
                     self.secrets.remove(p.name)
+        leases = self.state / "leases"
+        if leases.is_dir():
+            for f in leases.glob("*.json"):
+                if f.stem not in live:
+                    self._release(f.stem)
 
     # ---- helpers ---------------------------------------------------------------
 
@@ -213,6 +219,9 @@ class NodeOps:
                 emit(45, f"Disk quota {quota.limit_bytes >> 20} MiB, "
                          f"{quota.used_bytes >> 20} MiB used")
             layers = self.store.layers(key)
+            # Before the mount: nothing may prune the versions this root stands on.
+            self._lease(key, self.store.current_version(key))
+            undo.append(lambda: self._release(key))
 
             emit(50, f"Mounting root filesystem ({len(layers)} stored layer(s))")
             overlay.mount_root(paths, [*layers, image_layer], shift)
@@ -349,6 +358,7 @@ class NodeOps:
             crashpoint("node.stop.synced")
             paths = self.paths(key)
             overlay.unmount_root(paths)
+            self._release(key)
             self.secrets.remove(key)
             released = self.allocator.release(key)
             if released:
@@ -417,6 +427,7 @@ class NodeOps:
                 netpolicy.install(self.policy, owner=self.config.name)
         except LabVMError:
             log.exception("cannot check the container network policy")
+        self.renew_leases()
         for key in sorted(self.live_keys()):
             lock = self.key_lock(key)
             if not lock.acquire(blocking=False):
@@ -431,6 +442,7 @@ class NodeOps:
                     self._remove_container(key)
                     self.syncing.drop(key)
                     overlay.unmount_root(self.paths(key))
+                    self._release(key)
                     self.allocator.release(key)
                     continue
                 self.syncing.sync(key, final=False)
@@ -438,6 +450,40 @@ class NodeOps:
                 log.exception("%s: background sync failed", key)
             finally:
                 lock.release()
+
+    # ---- leases on stored versions (storage/leases.py) --------------------------------
+
+    def _lease_file(self, key: str) -> Path:
+        return self.state / "leases" / f"{key}.json"
+
+    def _lease(self, key: str, version: int | None) -> None:
+        """Lease the version ``key``'s root is mounted over, and remember it here (the
+        renewals after an agent restart read it back)."""
+        versions = [version] if version is not None else []
+        f = self._lease_file(key)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_name(f".{key}.tmp")
+        tmp.write_text(json.dumps({"versions": versions}))
+        os.replace(tmp, f)
+        self.store.lease(key, self.config.name, versions, self.config.lease_grace_s)
+
+    def _release(self, key: str) -> None:
+        self._lease_file(key).unlink(missing_ok=True)
+        try:
+            self.store.release(key, self.config.name)
+        except OSError:
+            log.exception("%s: could not release its lease (it expires by itself)", key)
+
+    def renew_leases(self) -> None:
+        """Renew the leases of every root mounted here (with each heartbeat)."""
+        for key in sorted(self.live_keys()):
+            try:
+                versions = json.loads(self._lease_file(key).read_text())["versions"]
+                self.store.lease(key, self.config.name, versions, self.config.lease_grace_s)
+            except FileNotFoundError:
+                pass  # started before leases existed, or mid-start
+            except (OSError, ValueError, KeyError):
+                log.exception("%s: could not renew its lease", key)
 
     def _merge_later(self, key: str) -> None:
         """Merge the frozen layers of a key taken over into a new version, off-path."""

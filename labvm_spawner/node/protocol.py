@@ -83,6 +83,7 @@ class NodeConfig:
     secrets_root: str = "/run/labvm/secrets"
     publish_ip: str = ""  # empty: the hub reaches containers on the node's bridge
     sync_interval_s: float = 10.0
+    lease_grace_s: float = 600.0  # a lease on stored versions outlives its last renewal
     # Images this node runs besides those `labvm image build` made (labvm/user:*).
     allowed_images: list[str] = field(default_factory=list)
     # Container network policy (node/netpolicy.py): the hub's API (HOST:PORT) is the only

@@ -123,6 +123,13 @@ class NodeSettings(HasTraits):
         "store. A node's loss loses at most this window.",
     ).tag(config=True)
 
+    lease_grace = Float(
+        600.0,
+        help="Seconds a node's lease on the layer versions its running roots use outlives "
+        "the node's last renewal (every sync_interval). Prune, fsck and restore leave a "
+        "leased version alone; a dead node's leases expire after this.",
+    ).tag(config=True)
+
     @validate("sync_interval")
     def _valid_sync_interval(self, proposal):  # type: ignore[no-untyped-def]
         if proposal["value"] <= 0:
@@ -165,7 +172,8 @@ class NodeSettings(HasTraits):
             userns_remap_user=self.userns_remap_user, container_uid=self.container_uid,
             stop_timeout=self.stop_timeout, capabilities=list(self.capabilities),
             secrets_root=self.secrets_root, publish_ip=self.publish_ip,
-            sync_interval_s=self.sync_interval, allowed_images=list(self.allowed_images),
+            sync_interval_s=self.sync_interval, lease_grace_s=self.lease_grace,
+            allowed_images=list(self.allowed_images),
             hub_api=list(hub_api), cluster_nets=list(self.cluster_networks),
             allow_nets=list(self.container_allow_networks),
         )

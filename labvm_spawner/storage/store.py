@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import stat
 import threading
@@ -40,9 +41,12 @@ from .crash import crashpoint
 from .errors import StoreError
 from .fsops import fsync_dir, syncfs
 from .handover import HandOver
+from .leases import Leases
 from .merge import MergeStats, apply_upper, scan_upper
 from .quota import StoreQuotaExceeded, set_mirror_limit, tree_bytes
 from .treecopy import copy_tree
+
+log = logging.getLogger("labvm.storage")
 
 __all__ = ["LayerStore", "StoreError", "StoreQuotaExceeded", "open_store", "FsckReport"]
 
@@ -61,15 +65,18 @@ class FsckReport:
         return not self.problems
 
 
-class LayerStore(HandOver):
+class LayerStore(HandOver, Leases):
     """Numbered, immutable layer versions for each key, with an atomic current pointer;
-    the hand-over between nodes (``handover.HandOver``) and the sync record on top."""
+    the hand-over between nodes (``handover.HandOver``), the leases of mounted roots
+    (``leases.Leases``) and the sync record on top."""
 
     def __init__(self, root: str | os.PathLike[str], keep: int = DEFAULT_KEEP) -> None:
         self.root = Path(root)
         if keep < 1:
             raise StoreError("keep must be at least 1")
         self.keep = keep
+        # What the last prune of each key kept past ``keep`` for a lease: {version: holders}.
+        self.skipped: dict[str, dict[int, list[str]]] = {}
 
     # ---- layout -------------------------------------------------------------
     def key_dir(self, key: str) -> Path:
@@ -269,8 +276,12 @@ class LayerStore(HandOver):
                 else:
                     fix(f"current is {state} and no version exists; removing it", link.unlink)
             return
+        held = self.leased_versions(key)
         for n in versions:
-            if n > cur:
+            if n > cur and n in held:
+                report.problems.append(f"{key}: version {n} is newer than current {cur}, but "
+                                       f"node(s) {', '.join(held[n])} use it: left in place")
+            elif n > cur:
                 fix(f"version {n} is newer than current {cur} (unfinished publish); dropping it",
                     lambda n=n: self._delete_version(key, n))
         sync_dir = self.sync_path(key)
@@ -355,7 +366,8 @@ class LayerStore(HandOver):
         crashpoint("delete.removed")
 
     def prune(self, key: str, keep: int | None = None) -> list[int]:
-        """Delete all but the newest ``keep`` versions, never the current one."""
+        """Delete all but the newest ``keep`` versions, never the current one nor one a
+        live lease holds (a root mounted over it somewhere; see ``skipped``)."""
         keep = keep or self.keep
         with self.locked(key):
             return self._prune(key, keep)
@@ -363,7 +375,12 @@ class LayerStore(HandOver):
     def _prune(self, key: str, keep: int) -> list[int]:
         cur = self.current_version(key)
         versions = self.versions(key)
-        doomed = [n for n in versions[:-keep] if n != cur]
+        held = self.leased_versions(key)
+        doomed = [n for n in versions[:-keep] if n != cur and n not in held]
+        self.skipped[key] = {n: held[n] for n in versions[:-keep] if n != cur and n in held}
+        for n, holders in self.skipped[key].items():
+            log.info("%s: keeping version %d past keep=%d, in use on node(s) %s", key, n,
+                     keep, ", ".join(holders))
         for n in doomed:
             self._delete_version(key, n)
             crashpoint("prune.one")
@@ -396,8 +413,10 @@ class LayerStore(HandOver):
         return n, stats
 
     def restore(self, key: str, n: int) -> int:
-        """Make a NEW version whose content is version ``n``; history is never rewritten."""
+        """Make a NEW version whose content is version ``n``; history is never rewritten.
+        Refused while the root runs anywhere (a live lease): it would change under it."""
         with self.locked(key):
+            self.refuse_if_leased(key, "restoring a version")
             self._recover(key)
             if n not in self.versions(key):
                 raise StoreError(f"{key} has no version {n} (have {self.versions(key)})")
