@@ -141,6 +141,12 @@ def test_migration_moves_everything_and_deletions_stay(testbed, hub):
     rc, out = run(hub, "alice", CHECK)
     assert rc == 0 and "ALL-GOOD" in out, out
 
+    # The node that mounted alice's root holds a lease on the version it stands on.
+    from labvm_spawner.storage import open_store
+
+    leases = open_store(testbed.store).leases("alice")
+    assert list(leases) == [home] and leases[home]["versions"]
+
     # Background sync shows in the admin state ("last synced").
     t = time.time()
     wait_synced(testbed, "alice", t)
@@ -154,6 +160,7 @@ def test_migration_moves_everything_and_deletions_stay(testbed, hub):
     assert m["state"] == "done", m
     assert m["downtime_s"] and m["downtime_s"] > 0
     assert node_of(testbed, "alice") == other
+    assert list(open_store(testbed.store).leases("alice")) == [other]  # the source let go
     # The user's spawn page was told why their server restarted (its progress events).
     assert f"Moving your server from node {home} to node {other}" in hub.log_path.read_text()
 
@@ -171,8 +178,6 @@ def test_migration_moves_everything_and_deletions_stay(testbed, hub):
     assert not (testbed.state(home) / "uppers" / "alice").exists()
 
     # The stacked layer is merged into a new version off the critical path.
-    from labvm_spawner.storage import open_store
-
     store = open_store(testbed.store)
     deadline = time.monotonic() + 300
     while store.pending("alice") and time.monotonic() < deadline:
@@ -188,6 +193,7 @@ def test_migration_moves_everything_and_deletions_stay(testbed, hub):
     rc, out = run(hub, "alice", CHECK)
     assert rc == 0 and "ALL-GOOD" in out, out
     hub.unspawn("alice")
+    assert store.leases("alice") == {}  # a stopped root holds nothing
 
 
 def test_ssh_reaches_a_user_on_either_node_and_after_a_migration(testbed, hub, tmp_path):
