@@ -221,11 +221,12 @@ def test_desktop_has_no_network_listener_and_no_password(hub_factory, docker_cli
         rfb.first_frame()
     assert time.perf_counter() - t0 < 60
 
-    # Only Jupyter listens on the network; VNC and websockify are unix sockets.
-    # (Nothing new, and nothing but Jupyter's 8888 beside dockerd's own DNS.)
+    # Only Jupyter and sshd (for the SSH gateway) listen on the network; VNC and
+    # websockify are unix sockets. (Nothing new, and nothing but 8888 and 22 beside
+    # dockerd's own DNS.)
     after = listening_tcp(c)
     assert after == before, after - before
-    assert {port for addr, port in after if addr != DOCKER_DNS} == {8888}, after
+    assert {port for addr, port in after if addr != DOCKER_DNS} == {8888, 22}, after
     code, out = sh(c, f"stat -c '%a %u %n' {DESKTOP_DIR} {DESKTOP_DIR}/vnc.sock "
                       f"{DESKTOP_DIR}/websockify.sock")
     assert code == 0, out
