@@ -197,6 +197,7 @@ class NodeAgent(NodeSettings, Application):
         "capability": "NodeAgent.capabilities", "secrets-root": "NodeAgent.secrets_root",
         "sync-interval": "NodeAgent.sync_interval",
         "lease-grace": "NodeAgent.lease_grace",
+        "aside-max-age-days": "NodeAgent.aside_max_age_days",
         "cluster-net": "NodeAgent.cluster_networks",
         "allow-net": "NodeAgent.container_allow_networks",
         "allow-image": "NodeAgent.allowed_images", "publish-ip": "NodeAgent.publish_ip",

@@ -19,6 +19,7 @@ from ..node import auth
 from ..node.protocol import MIN_DISK
 from ..policy import parse_size
 from ..ssh.keys import BadKey
+from ..storage import StoreError
 
 
 def refused(status: int, message: str) -> web.HTTPError:
@@ -304,6 +305,25 @@ class QuotaHandler(BaseHandler):
         self.monitor.log.info("%s set the disk quota of %s to %s", admin["name"], key,
                               "none" if disk is None else f"{disk >> 20} MiB")
         self.write(result)
+
+
+class AsideHandler(BaseHandler):
+    """{"node", "id", "action": "restore" | "delete"}: restore turns a set-aside upper
+    into a new version of its root (refused while that root runs); delete removes it."""
+
+    @web.authenticated
+    async def post(self) -> None:
+        admin = self.admin_user()
+        body = self.json_body()
+        node, aside_id = self.text_field(body, "node"), self.text_field(body, "id")
+        action = body.get("action")
+        if action not in ("restore", "delete") or not is_node_name(node):
+            raise refused(400, "give a node, the id of a set-aside upper, and an action: "
+                          "restore or delete")
+        try:
+            self.write(await self.monitor.aside(node, aside_id, action, admin["name"]))
+        except (LabVMError, StoreError) as e:
+            raise refused(409, str(e)) from None
 
 
 class JoinTokenHandler(BaseHandler):

@@ -28,6 +28,7 @@ from traitlets.config import Application
 from .. import db, names
 from ..cluster import Cluster
 from ..migration import Migrator
+from ..node import asides
 from ..node.client import NodeRefused
 from ..node.secrets import write_keys
 from ..ssh import clientconfig
@@ -125,6 +126,7 @@ class MonitorService(Application):
         self.migrator = Migrator(self.cluster, self.hub, self.migration_timeout_s)
         self.warnings: dict[str, dict[str, Any]] = {}  # key -> the warning its user sees
         self.disk_warned: set[str] = set()  # keys whose disk notice is in their home
+        self._aside_sizes: dict[str, int | None] = {}
         self.reclaimed: list[dict[str, Any]] = []
 
     @property
@@ -220,7 +222,34 @@ class MonitorService(Application):
             "reclaim": {"idle_hours": self.reclaim.idle_hours,
                         "warn_hours": self.reclaim.warn_hours, "reclaimed": self.reclaimed},
             "restore_supported": hasattr(open_store(self.store_root), "restore"),
+            "asides": await self.asides(nodes),
         }
+
+    async def asides(self, nodes: dict[str, Any]) -> list[dict[str, Any]]:
+        """Set-aside uppers on every node: this service's own, read here; the others',
+        from their heartbeats."""
+        found = await asyncio.to_thread(asides.listing, Path(self.collector.state_dir),
+                                        self.node_name, self._aside_sizes)
+        for name, view in sorted(nodes.items()):
+            if name != self.node_name:
+                found += [dict(a, node=name) for a in view.info.asides]
+        return found
+
+    async def aside(self, node: str, aside_id: str, action: str, by: str) -> dict[str, Any]:
+        """An admin restores (as a new version) or deletes a set-aside upper."""
+        if node == self.node_name:
+            state = Path(self.collector.state_dir)
+            if action == "restore":
+                store = open_store(self.store_root)
+                result = {"id": aside_id, "version": await asyncio.to_thread(
+                    asides.restore, state, store, aside_id)}
+            else:
+                result = {"id": aside_id, "key": await asyncio.to_thread(
+                    asides.delete, state, aside_id)}
+        else:
+            result = await self.cluster.client(node).aside(aside_id, action)
+        self.log.info("%s: %s of set-aside upper %s on node %s", by, action, aside_id, node)
+        return result
 
     async def user_state(self, name: str) -> dict[str, Any]:
         users = {u["name"]: u for u in await self.hub.users()}
@@ -324,6 +353,7 @@ class MonitorService(Application):
             (p + "api/admin/drain", H.DrainHandler),
             (p + "api/admin/restore", H.RestoreHandler),
             (p + "api/admin/quota", H.QuotaHandler),
+            (p + "api/admin/aside", H.AsideHandler),
             (p + "api/admin/migrate", H.MigrateHandler),
             (p + "api/admin/migrations", H.MigrationsHandler),
             (p + r"api/admin/migrations/(\d+)", H.MigrationHandler),

@@ -105,6 +105,14 @@ class ActionHandler(_Handler):
             await self.call(getattr(self.ops, action), key)
 
 
+class AsideHandler(_Handler):
+    """POST /v1/asides/<id>/(restore|delete): an admin's decision on a set-aside upper."""
+
+    async def post(self, aside_id: str, action: str) -> None:
+        fn = self.ops.restore_aside if action == "restore" else self.ops.delete_aside
+        await self.call(fn, aside_id)
+
+
 class SSHTunnelHandler(websocket.WebSocketHandler):
     """``GET /v1/servers/<key>/ssh`` (websocket): a byte stream to the sshd of that
     server's container, for the hub's SSH gateway. Bearer token as everywhere; the only
@@ -161,6 +169,7 @@ def make_app(ops: NodeOps, token_hash: str, pool: ThreadPoolExecutor) -> web.App
         (r"/v1/info", InfoHandler, args),
         (rf"/v1/servers/{KEY}", ServerHandler, args),
         (rf"/v1/servers/{KEY}/ssh", SSHTunnelHandler, args),
+        (r"/v1/asides/([a-z0-9_.-]{1,100}-[0-9]{9,12})/(restore|delete)", AsideHandler, args),
         (rf"/v1/servers/{KEY}/(start|stop|sync|discard|quota|ssh-keys)", ActionHandler, args),
     ])
 

@@ -68,6 +68,10 @@ class LocalNode:
     async def set_ssh_keys(self, key: str, ssh_keys: list[str]) -> dict:
         return await asyncio.to_thread(self.ops.set_ssh_keys, key, ssh_keys)
 
+    async def aside(self, aside_id: str, action: str) -> dict:
+        fn = self.ops.restore_aside if action == "restore" else self.ops.delete_aside
+        return await asyncio.to_thread(fn, aside_id)
+
 
 class RemoteNode:
     """A node's ``labvm-node`` agent, over TLS with its pinned certificate."""
@@ -136,6 +140,11 @@ class RemoteNode:
     async def set_ssh_keys(self, key: str, ssh_keys: list[str]) -> dict:
         return await self._call("POST", f"/v1/servers/{key}/ssh-keys", {"keys": ssh_keys},
                                 timeout_s=20)
+
+    async def aside(self, aside_id: str, action: str) -> dict:
+        """Restore (as a new version) or delete a set-aside upper on this node."""
+        return await self._call("POST", f"/v1/asides/{aside_id}/{action}", {},
+                                timeout_s=3600)
 
     async def ssh_tunnel(self, key: str) -> WebSocketClientConnection:
         """A websocket carrying a byte stream to the sshd of ``key``'s container."""

@@ -28,7 +28,7 @@ from ..images import USER_IMAGE
 from ..ssh.keys import check_lines
 from ..storage import open_store
 from ..storage.crash import crashpoint
-from . import containerspec, netpolicy, nvml, overlay
+from . import asides, containerspec, netpolicy, nvml, overlay
 from .allocations import GpuAllocator
 from .network import ensure_network
 from .protocol import SERVER_PORT, Emit, Limits, NodeConfig, StartRequest
@@ -66,6 +66,7 @@ class NodeOps:
         self.uppers = Uppers(self.state, self.store, config.name)
         self.syncing = Syncing(self.store, self.uppers)
         self.secrets = Secrets(config.secrets_root)
+        self._aside_sizes: dict[str, int | None] = {}
         self.upkeep = Upkeep()
         ensure_network(self.client, config.network_name)
         self.policy = netpolicy.node_policy(self.client, config.network_name, config.hub_api,
@@ -146,6 +147,7 @@ class NodeOps:
             "cpus_committed": cpus,
             "mem_committed": int(mem),
             "servers": servers,
+            "asides": self.asides(),
         }
 
     # ---- start ------------------------------------------------------------------
@@ -428,6 +430,10 @@ class NodeOps:
         except LabVMError:
             log.exception("cannot check the container network policy")
         self.renew_leases()
+        try:
+            asides.expire(self.state, self.config.aside_max_age_days)
+        except OSError:
+            log.exception("cannot remove old set-aside uppers")
         for key in sorted(self.live_keys()):
             lock = self.key_lock(key)
             if not lock.acquire(blocking=False):
@@ -450,6 +456,20 @@ class NodeOps:
                 log.exception("%s: background sync failed", key)
             finally:
                 lock.release()
+
+    # ---- set-aside uppers (asides.py) ------------------------------------------------
+
+    def asides(self) -> list[dict]:
+        """The set-aside uppers on this node (sizes measured once: they never change)."""
+        found = asides.listing(self.state, self.config.name, self._aside_sizes)
+        return found
+
+    def restore_aside(self, aside_id: str) -> dict:
+        n = asides.restore(self.state, self.store, aside_id)
+        return {"id": aside_id, "version": n}
+
+    def delete_aside(self, aside_id: str) -> dict:
+        return {"id": aside_id, "key": asides.delete(self.state, aside_id)}
 
     # ---- leases on stored versions (storage/leases.py) --------------------------------
 

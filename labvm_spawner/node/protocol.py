@@ -84,6 +84,7 @@ class NodeConfig:
     publish_ip: str = ""  # empty: the hub reaches containers on the node's bridge
     sync_interval_s: float = 10.0
     lease_grace_s: float = 600.0  # a lease on stored versions outlives its last renewal
+    aside_max_age_days: float = 30.0  # unclaimed set-aside uppers are removed after this
     # Images this node runs besides those `labvm image build` made (labvm/user:*).
     allowed_images: list[str] = field(default_factory=list)
     # Container network policy (node/netpolicy.py): the hub's API (HOST:PORT) is the only
@@ -248,6 +249,7 @@ class NodeInfo:
     cpus_committed: float = 0.0
     mem_committed: int = 0
     servers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    asides: list[dict[str, Any]] = field(default_factory=list)  # set-aside uppers here
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> NodeInfo:
@@ -258,7 +260,8 @@ class NodeInfo:
                    cpus=int(data.get("cpus") or 1), mem_bytes=int(data.get("mem_bytes") or 0),
                    cpus_committed=float(data.get("cpus_committed") or 0),
                    mem_committed=int(data.get("mem_committed") or 0),
-                   servers=dict(data.get("servers") or {}))
+                   servers=dict(data.get("servers") or {}),
+                   asides=[a for a in data.get("asides") or [] if isinstance(a, dict)])
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -130,6 +130,13 @@ class NodeSettings(HasTraits):
         "leased version alone; a dead node's leases expire after this.",
     ).tag(config=True)
 
+    aside_max_age_days = Float(
+        30.0,
+        help="Days after which a set-aside upper (the unsynced changes a take-over found "
+        "on this node) that no admin restored or deleted is removed; each removal is "
+        "logged.",
+    ).tag(config=True)
+
     @validate("sync_interval")
     def _valid_sync_interval(self, proposal):  # type: ignore[no-untyped-def]
         if proposal["value"] <= 0:
@@ -173,6 +180,7 @@ class NodeSettings(HasTraits):
             stop_timeout=self.stop_timeout, capabilities=list(self.capabilities),
             secrets_root=self.secrets_root, publish_ip=self.publish_ip,
             sync_interval_s=self.sync_interval, lease_grace_s=self.lease_grace,
+            aside_max_age_days=self.aside_max_age_days,
             allowed_images=list(self.allowed_images),
             hub_api=list(hub_api), cluster_nets=list(self.cluster_networks),
             allow_nets=list(self.container_allow_networks),

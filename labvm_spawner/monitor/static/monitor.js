@@ -239,6 +239,14 @@
       if (v && [...s.options].some((o) => o.value === v)) s.value = v;
     }
     renderMigrations(state.migrations || []);
+    const asides = state.asides || [];
+    document.getElementById("asides").innerHTML = asides.length
+      ? `<tr><th>Root</th><th>Node</th><th>Set aside</th><th>Size</th><th>Actions</th></tr>` + asides.map((a) =>
+        `<tr data-aside="${esc(a.id)}"><td>${esc(a.key)}</td><td>${esc(a.node)}</td><td>${when(a.set_aside_at * 1000)}</td>
+         <td>${a.bytes == null ? "?" : size(a.bytes)}</td>
+         <td><button data-aside-restore="${esc(a.id)}" data-node="${esc(a.node)}" data-key="${esc(a.key)}">Restore as a new version</button>
+         <button data-aside-delete="${esc(a.id)}" data-node="${esc(a.node)}" data-key="${esc(a.key)}">Delete</button></td></tr>`).join("")
+      : `<tr><td class="note">none</td></tr>`;
     const rc = state.reclaim;
     document.getElementById("reclaim").textContent = rc.idle_hours > 0
       ? `Idle GPU reclaim: servers whose GPUs stay idle ${rc.idle_hours} h are stopped (users warned ${rc.warn_hours} h before).`
@@ -352,6 +360,13 @@
         sshStatus(`Deleted ${b.dataset.fingerprint}.`);
         await renderSSH();
         return;
+      } else if (b.dataset.asideRestore !== undefined || b.dataset.asideDelete !== undefined) {
+        const restore = b.dataset.asideRestore !== undefined;
+        const id = restore ? b.dataset.asideRestore : b.dataset.asideDelete;
+        if (!confirm(restore ? `Turn the set-aside upper ${id} into a new version of ${b.dataset.key}?`
+          : `Delete the set-aside upper ${id} of ${b.dataset.key}? Its unsynced changes are lost.`)) return;
+        const r = await post("api/admin/aside", { node: b.dataset.node, id, action: restore ? "restore" : "delete" });
+        status(restore ? `${b.dataset.key}: set-aside changes restored as version ${r.version}.` : `Deleted ${id}.`);
       } else if (b.dataset.stop !== undefined) {
         if (!confirm(`Stop the server of ${b.dataset.stop}? Their files are kept.`)) return;
         await post("api/admin/stop", { user: b.dataset.stop, server: b.dataset.server });
