@@ -21,6 +21,7 @@ from tornado import web, websocket
 from .. import names
 from ..errors import LabVMError
 from ..ssh.keys import check_lines
+from ..storage import StoreError
 from . import auth, registry
 from .allocations import GpuUnavailable
 from .ops import NodeOps
@@ -50,7 +51,7 @@ class _Handler(web.RequestHandler):
         loop = asyncio.get_running_loop()
         try:
             result = await loop.run_in_executor(self.pool, fn, *args)
-        except (GpuUnavailable, QuotaError) as e:
+        except (GpuUnavailable, QuotaError, StoreError) as e:
             raise web.HTTPError(409, str(e)) from e
         except LabVMError as e:
             raise web.HTTPError(400, str(e)) from e

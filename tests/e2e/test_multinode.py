@@ -370,6 +370,53 @@ def test_evacuation_from_a_dead_node_keeps_what_was_synced(testbed, hub):
     hub.unspawn("ivy")
 
 
+def test_a_stale_upper_found_at_a_take_over_can_be_restored(testbed, hub):
+    """A node dies with changes not yet synced; the user is evacuated. When the root comes
+    back to that node, its stale upper is set aside, not lost: the admin sees it, cannot
+    restore it under the running server, and restores it as a new version once stopped."""
+    hub.create_user("una")
+    hub.spawn("una", timeout=300)
+    home = node_of(testbed, "una")
+    other = "b" if home == "a" else "a"
+    rc, out = run(hub, "una", "echo synced > ~/synced.txt")
+    assert rc == 0, out
+    wait_synced(testbed, "una", time.time())
+    testbed.kill_agent(home)  # no more syncs from here on
+    rc, out = run(hub, "una", "echo only-on-the-dead-node > ~/unsynced.txt")
+    assert rc == 0, out
+    testbed.kill_dockerd(home)
+    testbed.wait_down(home)
+    assert migrate(hub, "una", other)["state"] == "done"
+    testbed.start_dockerd(home)
+    testbed.start_agent(home)
+    testbed.wait_up(home)
+    # Back to the old node: its stale upper is set aside, and the root starts clean.
+    assert migrate(hub, "una", home)["state"] == "done"
+    rc, out = run(hub, "una", "cat ~/synced.txt; test ! -e ~/unsynced.txt && echo clean")
+    assert rc == 0 and out.split() == ["synced", "clean"], out
+    deadline = time.monotonic() + 60
+    while not (found := [a for a in admin(hub, "GET", "api/admin/state").json()["asides"]
+                         if a["key"] == "una"]):
+        assert time.monotonic() < deadline, "the set-aside upper is not listed"
+        time.sleep(1)
+    [aside] = found
+    assert aside["node"] == home and aside["bytes"] > 0
+    assert time.time() - aside["set_aside_at"] < 600
+    body = {"node": home, "id": aside["id"], "action": "restore"}
+    r = admin(hub, "POST", "api/admin/aside", json=body)
+    assert r.status_code == 409 and f"running on node {home}" in r.json()["message"], r.text
+    hub.unspawn("una")
+    r = admin(hub, "POST", "api/admin/aside", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["version"] > 1
+    hub.spawn("una", timeout=300)
+    rc, out = run(hub, "una", "cat ~/synced.txt ~/unsynced.txt")
+    assert rc == 0 and out.split() == ["synced", "only-on-the-dead-node"], out
+    assert not [a for a in admin(hub, "GET", "api/admin/state").json()["asides"]
+                if a["key"] == "una"]
+    hub.unspawn("una")
+
+
 def node_of_alive(testbed, key: str, n: str) -> bool:
     return bool(testbed.docker(n).containers.list(filters={"label": f"labvm.key={key}"}))
 
