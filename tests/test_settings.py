@@ -28,8 +28,10 @@ def test_the_spawner_and_the_agent_take_the_same_node_settings() -> None:
     node = {n for n, t in NodeSettings.class_traits().items() if t.metadata.get("config")}
     assert node <= set(LabVMSpawner.class_traits(config=True))
     assert node <= set(NodeAgent.class_traits(config=True))
-    # Every node setting has a command-line flag on the agent too.
-    assert node - {"node_name", "gpu_sharing"} <= {
+    # Every node setting has a command-line flag on the agent too (switches in flags).
+    switches = {name for conf, _help in NodeAgent.flags.values() for name in conf["NodeAgent"]}
+    assert switches == {"gpu_sharing", "housekeeping_repair"}
+    assert node - {"node_name"} - switches <= {
         target.split(".", 1)[1] for target in NodeAgent.aliases.values()} | {"node_name"}
 
 

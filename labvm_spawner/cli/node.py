@@ -198,6 +198,7 @@ class NodeAgent(NodeSettings, Application):
         "sync-interval": "NodeAgent.sync_interval",
         "lease-grace": "NodeAgent.lease_grace",
         "aside-max-age-days": "NodeAgent.aside_max_age_days",
+        "housekeeping-interval": "NodeAgent.housekeeping_interval",
         "cluster-net": "NodeAgent.cluster_networks",
         "allow-net": "NodeAgent.container_allow_networks",
         "allow-image": "NodeAgent.allowed_images", "publish-ip": "NodeAgent.publish_ip",
@@ -212,7 +213,9 @@ class NodeAgent(NodeSettings, Application):
             self.load_config_file(self.config_file)
             self.parse_command_line(argv)  # the command line wins over the file
     flags = {"gpu-sharing": ({"NodeAgent": {"gpu_sharing": True}},
-                             "Allow several users on one GPU.")}
+                             "Allow several users on one GPU."),
+             "housekeeping-repair": ({"NodeAgent": {"housekeeping_repair": True}},
+                                     "Let the scheduled fsck repair what it finds.")}
 
     def start(self) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -28,7 +28,7 @@ from traitlets.config import Application
 from .. import db, names
 from ..cluster import Cluster
 from ..migration import Migrator
-from ..node import asides
+from ..node import asides, housekeeping
 from ..node.client import NodeRefused
 from ..node.secrets import write_keys
 from ..ssh import clientconfig
@@ -209,7 +209,8 @@ class MonitorService(Application):
         return {
             # "nodes" is this service's own, sampled node; "cluster_nodes" every
             # registered one, from its heartbeat.
-            "nodes": [node_view(sample, self.node_name, self.node_name in cluster.drained())],
+            "nodes": [dict(node_view(sample, self.node_name, self.node_name in cluster.drained()),
+                           housekeeping=housekeeping.load(Path(self.collector.state_dir)))],
             "cluster_nodes": [cluster_node_view(nodes[n]) for n in sorted(nodes)],
             "enrolled_nodes": [{k: v for k, v in n.items() if k != "cert_pem"}
                                for n in cluster.enrolled(revoked=True).values()],

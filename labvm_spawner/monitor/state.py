@@ -125,4 +125,5 @@ def cluster_node_view(node: NodeView) -> dict[str, Any]:
         "cpus": info.cpus, "cpus_committed": info.cpus_committed,
         "mem_bytes": info.mem_bytes, "mem_committed": info.mem_committed,
         "servers": len(info.servers),
+        "housekeeping": info.housekeeping,
     }

@@ -28,7 +28,7 @@ from ..images import USER_IMAGE
 from ..ssh.keys import check_lines
 from ..storage import open_store
 from ..storage.crash import crashpoint
-from . import asides, containerspec, netpolicy, nvml, overlay
+from . import asides, containerspec, housekeeping, netpolicy, nvml, overlay
 from .allocations import GpuAllocator
 from .network import ensure_network
 from .protocol import SERVER_PORT, Emit, Limits, NodeConfig, StartRequest
@@ -67,6 +67,10 @@ class NodeOps:
         self.syncing = Syncing(self.store, self.uppers)
         self.secrets = Secrets(config.secrets_root)
         self._aside_sizes: dict[str, int | None] = {}
+        self.housekept: dict | None = housekeeping.load(self.state)
+        # The first round comes one interval after the last one (or a minute after start).
+        self._housekeeping_t = ((self.housekept or {}).get("t") or
+                                time.time() - config.housekeeping_interval_h * 3600 + 60)
         self.upkeep = Upkeep()
         ensure_network(self.client, config.network_name)
         self.policy = netpolicy.node_policy(self.client, config.network_name, config.hub_api,
@@ -148,6 +152,7 @@ class NodeOps:
             "mem_committed": int(mem),
             "servers": servers,
             "asides": self.asides(),
+            "housekeeping": self.housekept or {},
         }
 
     # ---- start ------------------------------------------------------------------
@@ -430,6 +435,9 @@ class NodeOps:
         except LabVMError:
             log.exception("cannot check the container network policy")
         self.renew_leases()
+        if time.time() - self._housekeeping_t >= self.config.housekeeping_interval_h * 3600:
+            self._housekeeping_t = time.time()
+            self.upkeep.run("housekeeping", self.housekeep)
         try:
             asides.expire(self.state, self.config.aside_max_age_days)
         except OSError:
@@ -456,6 +464,22 @@ class NodeOps:
                 log.exception("%s: background sync failed", key)
             finally:
                 lock.release()
+
+    # ---- housekeeping (housekeeping.py) ---------------------------------------------
+
+    def housekeep(self) -> dict:
+        """One round of image prune, fsck and version prune; kept for the admin pages."""
+        keep = {c.image.id for c in self._running()}
+        try:
+            keep.add(self.client.images.get(USER_IMAGE).id)
+        except docker.errors.DockerException:
+            pass
+        result = housekeeping.run(self.store, self.config.name,
+                                  Path(self.config.image_layer_dir or self.state / "rootfs"),
+                                  keep, self.config.housekeeping_repair)
+        self.housekept = result
+        housekeeping.save(self.state, result)
+        return result
 
     # ---- set-aside uppers (asides.py) ------------------------------------------------
 

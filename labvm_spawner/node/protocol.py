@@ -85,6 +85,8 @@ class NodeConfig:
     sync_interval_s: float = 10.0
     lease_grace_s: float = 600.0  # a lease on stored versions outlives its last renewal
     aside_max_age_days: float = 30.0  # unclaimed set-aside uppers are removed after this
+    housekeeping_interval_h: float = 6.0  # image prune, fsck, version prune: how often
+    housekeeping_repair: bool = False  # let the scheduled fsck repair what it finds
     # Images this node runs besides those `labvm image build` made (labvm/user:*).
     allowed_images: list[str] = field(default_factory=list)
     # Container network policy (node/netpolicy.py): the hub's API (HOST:PORT) is the only
@@ -250,6 +252,7 @@ class NodeInfo:
     mem_committed: int = 0
     servers: dict[str, dict[str, Any]] = field(default_factory=dict)
     asides: list[dict[str, Any]] = field(default_factory=list)  # set-aside uppers here
+    housekeeping: dict[str, Any] = field(default_factory=dict)  # its last scheduled run
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> NodeInfo:
@@ -261,7 +264,8 @@ class NodeInfo:
                    cpus_committed=float(data.get("cpus_committed") or 0),
                    mem_committed=int(data.get("mem_committed") or 0),
                    servers=dict(data.get("servers") or {}),
-                   asides=[a for a in data.get("asides") or [] if isinstance(a, dict)])
+                   asides=[a for a in data.get("asides") or [] if isinstance(a, dict)],
+                   housekeeping=dict(data.get("housekeeping") or {}))
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -249,12 +249,15 @@ def layers_in_use() -> set[str]:
     return used
 
 
-def prune_rootfs(cache_dir: Path, keep_ids: set[str], partial_age_s: float = 3600) -> list[Path]:
+def prune_rootfs(cache_dir: Path, keep_ids: set[str], partial_age_s: float = 3600,
+                 min_age_s: float = 0) -> list[Path]:
     """Delete unpacked image layers that no mount uses and whose image is not kept.
 
     A tree is named ``<image id prefix>-<shift>``; ``keep_ids`` are full image ids (the
     images servers start from). Leftovers of an interrupted unpack (``.partial-*``) go
     once they are older than ``partial_age_s``, so an unpack in progress is never hit.
+    A scheduled run passes ``min_age_s``: a tree unpacked that recently may be about to be
+    mounted by a start.
     """
     if not cache_dir.is_dir():
         return []
@@ -266,6 +269,8 @@ def prune_rootfs(cache_dir: Path, keep_ids: set[str], partial_age_s: float = 360
             if now - tree.stat().st_mtime < partial_age_s:
                 continue
         elif str(tree) in in_use or any(i.startswith(tree.name.split("-")[0]) for i in keep_ids):
+            continue
+        elif now - tree.stat().st_mtime < min_age_s:
             continue
         remove_tree(tree)
         removed.append(tree)

@@ -137,6 +137,16 @@ class NodeSettings(HasTraits):
         "logged.",
     ).tag(config=True)
 
+    housekeeping_interval = Float(
+        6.0,
+        help="Hours between this node's housekeeping rounds: image prune of trees no root "
+        "uses, storage fsck of the roots it owns, and pruning of their versions past keep "
+        "that no lease holds. The admin Nodes page shows the last round.",
+    ).tag(config=True)
+    housekeeping_repair = Bool(
+        False, help="Let the scheduled fsck repair what it finds (off: it only reports).",
+    ).tag(config=True)
+
     @validate("sync_interval")
     def _valid_sync_interval(self, proposal):  # type: ignore[no-untyped-def]
         if proposal["value"] <= 0:
@@ -181,6 +191,8 @@ class NodeSettings(HasTraits):
             secrets_root=self.secrets_root, publish_ip=self.publish_ip,
             sync_interval_s=self.sync_interval, lease_grace_s=self.lease_grace,
             aside_max_age_days=self.aside_max_age_days,
+            housekeeping_interval_h=self.housekeeping_interval,
+            housekeeping_repair=self.housekeeping_repair,
             allowed_images=list(self.allowed_images),
             hub_api=list(hub_api), cluster_nets=list(self.cluster_networks),
             allow_nets=list(self.container_allow_networks),

@@ -161,6 +161,16 @@ def test_migration_moves_everything_and_deletions_stay(testbed, hub):
     assert m["downtime_s"] and m["downtime_s"] > 0
     assert node_of(testbed, "alice") == other
     assert list(open_store(testbed.store).leases("alice")) == [other]  # the source let go
+    # Each node's scheduled housekeeping shows on the admin Nodes page's data.
+    deadline = time.monotonic() + 120
+    while not all(n["housekeeping"].get("t") for n in
+                  admin(hub, "GET", "api/admin/state").json()["cluster_nodes"]):
+        assert time.monotonic() < deadline, "no housekeeping round reported"
+        time.sleep(2)
+    for n in admin(hub, "GET", "api/admin/state").json()["cluster_nodes"]:
+        h = n["housekeeping"]
+        assert h["node"] == n["name"] and "error" not in h["fsck"], h
+        assert "removed" in h["image_prune"] and h["prune"]["errors"] == []
     # The user's spawn page was told why their server restarted (its progress events).
     assert f"Moving your server from node {home} to node {other}" in hub.log_path.read_text()
 

@@ -163,6 +163,7 @@ class Testbed:
             "--docker-url", self.sock(n), "--state-dir", str(self.state(n)),
             "--store-root", str(self.node_path(n, self.store)), "--publish-ip", NODE_IP[n],
             "--secrets-root", str(NODE_RUN / n / "secrets"), "--sync-interval", "2",
+            "--housekeeping-interval", "0.01",  # a round every 36 s: the tests see one
             "--hub-api", f"{HUB_IP}:{self.hub_port + 2}", "--cluster-net", MFS_NET,
         ]
         log = open(self.agent_log(n), "a")

@@ -82,6 +82,7 @@
     document.getElementById("nodes").innerHTML = `<tr><th>Node</th><th>Placement</th><th>CPU</th>
       <th>Memory</th><th>Uppers disk</th><th>Layer store</th><th>GPUs held</th><th>Servers</th><th></th></tr>` + rows.join("");
     renderClusterNodes(state.cluster_nodes || []);
+    renderHousekeeping([...state.nodes, ...(state.cluster_nodes || [])]);
     renderEnrolled(state.enrolled_nodes || [], state.node_warnings || []);
     const node = state.nodes[0];
     if (node) {
@@ -109,6 +110,25 @@
     el.innerHTML = `<tr><th>Node</th><th>State</th><th>GPUs free / total</th><th>CPUs committed</th>
       <th>Memory committed</th><th>Servers</th><th>Placement</th><th></th></tr>` + (nodes.map(clusterNodeRow).join("")
       || '<tr><td colspan="8" class="note">No node agent has registered (MonitorService.registry_dir).</td></tr>');
+  }
+
+  // The last scheduled image prune, fsck and version prune of each node.
+  function renderHousekeeping(nodes) {
+    const el = document.getElementById("housekeeping");
+    if (!el) return;
+    const list = (xs) => xs && xs.length ? xs.map(esc).join("<br>") : "none";
+    const rows = nodes.filter((n) => n.housekeeping && n.housekeeping.t).map((n) => {
+      const h = n.housekeeping, ip = h.image_prune || {}, fs = h.fsck || {}, pr = h.prune || {};
+      const pruned = Object.entries(pr.pruned || {}).map(([k, v]) => `${k}: ${v.join(", ")}`);
+      const kept = Object.entries(pr.kept_for_leases || {}).map(([k, v]) =>
+        Object.entries(v).map(([n, who]) => `${k} v${n} (in use on ${who.join(", ")})`).join("; "));
+      return `<tr data-housekeeping="${esc(n.name)}"><td>${esc(n.name)}</td><td>${when(h.t * 1000)}</td>
+        <td>${ip.error ? `<span class="down">${esc(ip.error)}</span>` : `${(ip.removed || []).length} tree(s) removed`}</td>
+        <td>${fs.error ? `<span class="down">${esc(fs.error)}</span>` : `${Number(fs.keys || 0)} root(s): ${list(fs.problems)}${fs.repair ? "" : " (report only)"}`}</td>
+        <td>pruned: ${list(pruned)}<br>kept for leases: ${list(kept)}</td></tr>`;
+    });
+    el.innerHTML = `<tr><th>Node</th><th>Last run</th><th>Image prune</th><th>fsck</th><th>Version prune</th></tr>`
+      + (rows.join("") || '<tr><td colspan="5" class="note">No round has run yet.</td></tr>');
   }
 
   // Enrolled nodes (the only ones the hub calls) and records it ignored.
