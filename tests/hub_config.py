@@ -132,6 +132,7 @@ main(sys.argv[1:])
         "LABVM_NODE_DOWN_AFTER_S": os.environ.get("LABVM_NODE_DOWN_AFTER_S", "15"),
     }
     c.Authenticator.admin_users = {"boss"}  # the admin the monitor tests log in as
+    c.LabVMSpawner.housekeeping_interval = 0.01  # a round every 36 s: the pages show one
     c.JupyterHub.services = c.JupyterHub.services + [_service]
     c.JupyterHub.load_roles = c.JupyterHub.load_roles + _roles
 # ---- END labvm monitor ----

@@ -68,9 +68,10 @@ class NodeOps:
         self.secrets = Secrets(config.secrets_root)
         self._aside_sizes: dict[str, int | None] = {}
         self.housekept: dict | None = housekeeping.load(self.state)
-        # The first round comes one interval after the last one (or a minute after start).
+        # The first round comes one interval after the last one (or soon after start).
+        every = config.housekeeping_interval_h * 3600
         self._housekeeping_t = ((self.housekept or {}).get("t") or
-                                time.time() - config.housekeeping_interval_h * 3600 + 60)
+                                time.time() - every + min(60.0, every))
         self.upkeep = Upkeep()
         ensure_network(self.client, config.network_name)
         self.policy = netpolicy.node_policy(self.client, config.network_name, config.hub_api,

@@ -178,6 +178,9 @@ def browse(mon: Monitor) -> None:
                 if page_path == "admin/gpus":
                     assert page.locator("tr[data-uuid]").count() == 8
                     assert page.locator("td.held").first.inner_text().startswith(ALICE)
+                if page_path == "admin/nodes":  # the node's first scheduled housekeeping
+                    page.wait_for_selector("tr[data-housekeeping]", timeout=90000)
+                    assert "tree(s) removed" in page.inner_text("#housekeeping")
                 page.screenshot(path=str(ARTIFACTS / shot), full_page=True)
                 if page_path == "admin/nodes":
                     # A POST from the page itself, with the login cookie and xsrf token.
