@@ -120,6 +120,17 @@ class Migration(_Base):
     downtime_s: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
+class MigrationStep(_Base):
+    """Each step a migration went through, with its time: the user's spawn page replays
+    them, and the downtime counts from the stop."""
+
+    __tablename__ = "labvm_migration_steps"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    migration: Mapped[int] = mapped_column(Integer, index=True)
+    t: Mapped[float] = mapped_column(Float)
+    step: Mapped[str] = mapped_column(Text)
+
+
 class MigrationLock(_Base):
     """At most one migration per root at a time: the primary key refuses a second."""
 
@@ -372,9 +383,19 @@ class Cluster:
                 return
             for k, v in changes.items():
                 setattr(m, k, v)
+            if "step" in changes and changes["step"] != "done":
+                s.add(MigrationStep(migration=mid, t=time.time(), step=str(changes["step"])))
             if changes.get("state") in ("done", "failed"):
                 m.finished = time.time()
                 s.execute(delete(MigrationLock).where(MigrationLock.migration == mid))
+
+    def migration_steps(self, mid: int) -> list[tuple[float, str]]:
+        """(time, step) of each step of migration ``mid`` so far, oldest first."""
+        with Session(self.engine) as s:
+            rows = s.execute(select(MigrationStep.t, MigrationStep.step)
+                             .where(MigrationStep.migration == mid)
+                             .order_by(MigrationStep.id)).all()
+        return [(t, step) for t, step in rows]
 
     def active_migration(self, key: str) -> dict | None:
         with Session(self.engine) as s:

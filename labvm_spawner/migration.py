@@ -28,6 +28,7 @@ from .names import check_server_name, check_username, root_key
 from .node.protocol import NodeInfo
 
 log = logging.getLogger("labvm.migration")
+STOPPING = "stopping"  # the step the downtime counts from (the spawn page shows it)
 
 
 class Hub(Protocol):
@@ -169,7 +170,7 @@ class Migrator:
                 self._step(mid, f"syncing {key} on node {source} while it runs")
                 await src.sync(key)
             if running:
-                self._step(mid, f"stopping {key} on node {source}")
+                self._step(mid, f"{STOPPING} {key} on node {source}")
                 t_stop = time.time()
                 await self.hub.stop_server(user, server)
                 await self._wait_state(user, server, "stopped")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from dataclasses import asdict, replace
 from urllib.parse import urlsplit
 
@@ -26,6 +27,7 @@ from . import form
 from .cluster import Cluster, NodeView
 from .db import default_url as default_db_url
 from .errors import LabVMError
+from .migration import STOPPING
 from .names import root_key
 from .node.client import NodeUnreachable
 from .node.protocol import SERVER_PORT, Limits, NodeConfig, NodeInfo, StartRequest
@@ -287,9 +289,15 @@ class LabVMSpawner(NodeSettings, Spawner):
             node_name = choose_node(nodes, key, count, model, limits, sharing, placed=placed,
                                     pinned=pinned)
         moving = cluster.active_migration(key)
+        stopped_at = None
         if moving and moving["target"] == node_name:
             self._emit(5, f"Moving your server from node {moving['source']} to node "
                        f"{node_name} (started by {moving['by']})")
+            # What happened before this start, so the user sees the whole move.
+            for t, step in cluster.migration_steps(moving["id"]):
+                if step.startswith(STOPPING):
+                    stopped_at = t
+                self._emit(5, f"{time.strftime('%H:%M:%S', time.localtime(t))} {step}")
         elif len(nodes) > 1:
             self._emit(5, f"Starting on node {node_name}")
         if placed is None:
@@ -314,6 +322,9 @@ class LabVMSpawner(NodeSettings, Spawner):
         except NodeUnreachable as e:
             raise NodeUnreachable(f"Node {node_name} did not answer; try again soon. ({e})") from e
         self.container_id = result.container_id
+        if stopped_at is not None:
+            self._emit(95, f"Moved to node {node_name}: your server was down "
+                       f"{time.time() - stopped_at:.1f} s")
         return (result.ip, result.port)
 
     async def _refresh(self, nodes: dict[str, NodeView]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -172,7 +173,14 @@ def test_migration_moves_everything_and_deletions_stay(testbed, hub):
         assert h["node"] == n["name"] and "error" not in h["fsck"], h
         assert "removed" in h["image_prune"] and h["prune"]["errors"] == []
     # The user's spawn page was told why their server restarted (its progress events).
-    assert f"Moving your server from node {home} to node {other}" in hub.log_path.read_text()
+    log = hub.log_path.read_text()
+    assert f"Moving your server from node {home} to node {other}" in log
+    # ... with every step before this start, and the downtime at the end.
+    # (The spawner's progress events, as the hub logs them: "alice: <event>".)
+    for step in (f"syncing alice on node {home} while it runs", f"stopping alice on node {home}",
+                 f"final sync of alice on node {home}", f"starting alice on node {other}"):
+        assert re.search(rf"alice: \d\d:\d\d:\d\d {step}", log), step
+    assert re.search(rf"alice: Moved to node {other}: your server was down [0-9.]+ s", log)
 
     rc, out = run(hub, "alice", CHECK + "test \"$(cat ~/proj/late.txt)\" = late\n")
     assert rc == 0 and "ALL-GOOD" in out, out
