@@ -102,7 +102,7 @@ def main() -> None:
             s = collector.sample()
             recent.add(s)
             history.add(s)
-            exposition(recent.latest)
+            exposition(lambda: [recent.latest()])
 
         monitor_step()  # warm: imports, first Docker listing, NVML init
         s = recent.latest()

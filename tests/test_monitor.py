@@ -246,7 +246,7 @@ def test_metrics_use_dcgm_names_and_labels(collector):
     c, fake, _ = collector
     fake.set_processes(0, [(4242, 2 << 30)])
     s = c.sample()
-    text = exposition(lambda: s).decode()
+    text = exposition(lambda: [s]).decode()
     for name in ("DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_FB_FREE",
                  "DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_POWER_USAGE",
                  "labvm_container_cpu_percent", "labvm_node_store_free_bytes"):
@@ -258,7 +258,7 @@ def test_metrics_use_dcgm_names_and_labels(collector):
     free = next(x for x in text.splitlines() if x.startswith("DCGM_FI_DEV_GPU_UTIL{")
                 and 'gpu="7"' in x)
     assert 'user=""' in free
-    assert exposition(lambda: None) == b""
+    assert exposition(lambda: []) == b""
 
 
 def test_idle_reclaim_warns_then_stops_and_forgives_busy_gpus():

@@ -92,6 +92,15 @@ class Sample:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Sample:
+        """A sample as a node's agent sent it (``to_dict``); TypeError/KeyError if not one."""
+        gpus = [GpuSample(**{**g, "processes": [GpuProcess(**p) for p in g["processes"]]})
+                for g in d["gpus"]]
+        return cls(t=float(d["t"]), node=str(d["node"]), host=NodeSample(**d["host"]),
+                   gpus=gpus, containers=[ContainerSample(**c) for c in d["containers"]],
+                   disk={str(k): (int(v[0]), int(v[1])) for k, v in d["disk"].items()})
+
 
 @dataclass
 class _Known:

@@ -62,33 +62,37 @@ _NODE_GAUGES = (
 class SampleCollector:
     """A prometheus_client collector reading whatever sample ``latest`` returns."""
 
-    def __init__(self, latest: Callable[[], Sample | None]) -> None:
+    def __init__(self, latest: Callable[[], list[Sample]]) -> None:
         self.latest = latest
 
     def collect(self) -> Iterator[Metric]:
-        s = self.latest()
-        if s is None:
+        samples = self.latest()  # every node's latest, each with its node label
+        if not samples:
             return
         for name, text, value in _GPU_GAUGES:
             fam = GaugeMetricFamily(name, text, labels=GPU_LABELS)
-            for g in s.gpus:
-                fam.add_metric([str(g.index), g.uuid, f"nvidia{g.index}", g.name, s.node,
-                                s.node, _user_of(g.holder, s)], value(g))
+            for s in samples:
+                for g in s.gpus:
+                    fam.add_metric([str(g.index), g.uuid, f"nvidia{g.index}", g.name, s.node,
+                                    s.node, _user_of(g.holder, s)], value(g))
             yield fam
         for name, text, value in _CONTAINER_GAUGES:
             fam = GaugeMetricFamily(name, text, labels=CONTAINER_LABELS)
-            for c in s.containers:
-                fam.add_metric([s.node, c.user, c.server, c.key], value(c))
+            for s in samples:
+                for c in s.containers:
+                    fam.add_metric([s.node, c.user, c.server, c.key], value(c))
             yield fam
         for name, text, i in _DISK_GAUGES:
             fam = GaugeMetricFamily(name, text, labels=CONTAINER_LABELS)
-            for key, figures in sorted(s.disk.items()):
-                user, _, server = key.partition(".")
-                fam.add_metric([s.node, user, server, key], figures[i])
+            for s in samples:
+                for key, figures in sorted(s.disk.items()):
+                    user, _, server = key.partition(".")
+                    fam.add_metric([s.node, user, server, key], figures[i])
             yield fam
         for name, text, value in _NODE_GAUGES:
             fam = GaugeMetricFamily(name, text, labels=["node"])
-            fam.add_metric([s.node], value(s.host))
+            for s in samples:
+                fam.add_metric([s.node], value(s.host))
             yield fam
 
 
@@ -101,7 +105,7 @@ def _user_of(key: str | None, s: Sample) -> str:
     return key.split(".", 1)[0]  # a key is "<user>" or "<user>.<server>"
 
 
-def exposition(latest: Callable[[], Sample | None]) -> bytes:
+def exposition(latest: Callable[[], list[Sample]]) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SampleCollector(latest))
     return generate_latest(registry)

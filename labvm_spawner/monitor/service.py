@@ -126,6 +126,7 @@ class MonitorService(Application):
         self.migrator = Migrator(self.cluster, self.hub, self.migration_timeout_s)
         self.warnings: dict[str, dict[str, Any]] = {}  # key -> the warning its user sees
         self.disk_warned: set[str] = set()  # keys whose disk notice is in their home
+        self.remote: dict[str, Sample] = {}  # node -> its agent's latest sample
         self._aside_sizes: dict[str, int | None] = {}
         self.reclaimed: list[dict[str, Any]] = []
 
@@ -152,6 +153,8 @@ class MonitorService(Application):
             return
         self.recent.add(sample)
         await asyncio.to_thread(self.history.add, sample)
+        if self.cluster.enrolled():
+            await self.sample_nodes()
         for d in self.reclaim.decide(sample):
             await self.carry_out(d)
         await asyncio.to_thread(self.disk_notices, sample)
@@ -193,8 +196,28 @@ class MonitorService(Application):
     def latest(self) -> Sample | None:
         return self.recent.latest()
 
+    def all_latest(self) -> list[Sample]:
+        """The latest sample of every node: this service's own, then each agent's."""
+        own = self.latest()
+        return ([own] if own else []) + [self.remote[n] for n in sorted(self.remote)]
+
     def metrics(self) -> bytes:
-        return exposition(self.latest)
+        return exposition(self.all_latest)
+
+    async def sample_nodes(self) -> None:
+        """Pull each up node's own sample over its authenticated agent channel. A node
+        that does not answer keeps its last sample (the pages show how old it is)."""
+        nodes = await self.cluster.nodes()
+
+        async def one(name: str) -> None:
+            try:
+                data = await asyncio.wait_for(self.cluster.client(name).sample(), 10)
+                self.remote[name] = Sample.from_dict(data)
+            except Exception as e:  # a report, not a crash (a timeout too)
+                self.log.debug("node %s gave no sample: %s", name, e)
+
+        await asyncio.gather(*(one(n) for n, v in nodes.items()
+                               if v.up and not v.local and n != self.node_name))
 
     # ---- views ---------------------------------------------------------------
 
@@ -210,7 +233,11 @@ class MonitorService(Application):
             # "nodes" is this service's own, sampled node; "cluster_nodes" every
             # registered one, from its heartbeat.
             "nodes": [dict(node_view(sample, self.node_name, self.node_name in cluster.drained()),
-                           housekeeping=housekeeping.load(Path(self.collector.state_dir)))],
+                           housekeeping=housekeeping.load(Path(self.collector.state_dir)),
+                           up=True)] + [
+                dict(node_view(s, name, name in cluster.drained()),
+                     up=bool(nodes.get(name) and nodes[name].up))
+                for name, s in sorted(self.remote.items())],
             "cluster_nodes": [cluster_node_view(nodes[n]) for n in sorted(nodes)],
             "enrolled_nodes": [{k: v for k, v in n.items() if k != "cert_pem"}
                                for n in cluster.enrolled(revoked=True).values()],
@@ -218,7 +245,7 @@ class MonitorService(Application):
             "placements": placements,
             "pins": cluster.pins(),
             "migrations": cluster.migrations(),
-            "gpus": gpu_view(sample),
+            "gpus": [dict(g, node=s.node) for s in self.all_latest() for g in gpu_view(s)],
             "users": views,
             "reclaim": {"idle_hours": self.reclaim.idle_hours,
                         "warn_hours": self.reclaim.warn_hours, "reclaimed": self.reclaimed},

@@ -63,6 +63,11 @@ class InfoHandler(_Handler):
         await self.call(self.ops.info)
 
 
+class SampleHandler(_Handler):
+    async def get(self) -> None:
+        await self.call(self.ops.sample)
+
+
 class ServerHandler(_Handler):
     async def get(self, key: str) -> None:
         await self.call(self.ops.status, key)
@@ -168,6 +173,7 @@ def make_app(ops: NodeOps, token_hash: str, pool: ThreadPoolExecutor) -> web.App
     args = {"ops": ops, "token_hash": token_hash, "pool": pool}
     return web.Application([
         (r"/v1/info", InfoHandler, args),
+        (r"/v1/sample", SampleHandler, args),
         (rf"/v1/servers/{KEY}", ServerHandler, args),
         (rf"/v1/servers/{KEY}/ssh", SSHTunnelHandler, args),
         (r"/v1/asides/([a-z0-9_.-]{1,100}-[0-9]{9,12})/(restore|delete)", AsideHandler, args),

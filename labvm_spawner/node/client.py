@@ -116,6 +116,10 @@ class RemoteNode:
     async def info(self) -> dict:
         return await self._call("GET", "/v1/info", timeout_s=20)
 
+    async def sample(self) -> dict:
+        """The node's usage now: GPUs with their processes' users, containers, the node."""
+        return await self._call("GET", "/v1/sample", timeout_s=10)
+
     async def start(self, req: StartRequest, emit: Emit | None = None) -> StartResult:
         if emit:
             emit(40, f"Starting on node {self.name}")

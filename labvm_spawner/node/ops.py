@@ -67,6 +67,8 @@ class NodeOps:
         self.syncing = Syncing(self.store, self.uppers)
         self.secrets = Secrets(config.secrets_root)
         self._aside_sizes: dict[str, int | None] = {}
+        self._collector = None
+        self._sample_lock = threading.Lock()
         self.housekept: dict | None = housekeeping.load(self.state)
         # The first round comes one interval after the last one (or soon after start).
         every = config.housekeeping_interval_h * 3600
@@ -465,6 +467,21 @@ class NodeOps:
                 log.exception("%s: background sync failed", key)
             finally:
                 lock.release()
+
+    # ---- this node's own usage sample (the admin service pulls it) ---------------------
+
+    def sample(self) -> dict:
+        """GPUs (with each process's user), containers and the node itself, now."""
+        with self._sample_lock:
+            if self._collector is None:
+                # Only an agent samples itself; the hub's own node is the service's.
+                from ..monitor.collector import Collector
+
+                cfg = self.config
+                self._collector = Collector(node_name=cfg.name, state_dir=cfg.state_dir,
+                                            store_root=cfg.store_root, db_url=cfg.db_url,
+                                            docker_url=cfg.docker_url)
+            return self._collector.sample().to_dict()
 
     # ---- housekeeping (housekeeping.py) ---------------------------------------------
 

@@ -71,7 +71,8 @@
   async function renderNodes(state) {
     const rows = state.nodes.map((n) => {
       const h = n.host || {};
-      return `<tr><td>${esc(n.name)}</td><td>${n.drained ? "<b>drained</b>" : "open"}</td>
+      const age = n.t ? ` (sampled ${when(n.t * 1000)})` : "";
+      return `<tr data-sampled="${esc(n.name)}"><td>${esc(n.name)}${n.up ? "" : ` <span class="down">down</span>${age}`}</td><td>${n.drained ? "<b>drained</b>" : "open"}</td>
         <td class="num">${bar(h.cpu_percent || 0)} of ${h.cpu_count} CPUs</td>
         <td class="num">${gib(h.mem_used)} / ${gib(h.mem_total)}</td>
         <td class="num">${gib(h.upper_free)} free / ${gib(h.upper_total)}</td>
@@ -167,12 +168,12 @@
   async function renderGpus(state) {
     const rows = state.gpus.map((g) => {
       const procs = g.processes.map((p) => `${p.pid} → ${esc(p.user || "(not LabVM)")} ${mib(p.used)}`).join("<br>");
-      return `<tr data-uuid="${esc(g.uuid)}"><td>${g.index}</td><td>${esc(g.name)}</td><td title="${esc(g.uuid)}">${esc(g.uuid.slice(0, 12))}…</td>
+      return `<tr data-uuid="${esc(g.uuid)}" data-node="${esc(g.node)}"><td>${esc(g.node)}</td><td>${g.index}</td><td>${esc(g.name)}</td><td title="${esc(g.uuid)}">${esc(g.uuid.slice(0, 12))}…</td>
         <td class="${g.holder ? "held" : "free"}">${g.holder ? esc(g.holder_user) + (g.holder.includes(".") ? " (" + esc(g.holder) + ")" : "") : "free"}</td>
         <td class="num">${bar(g.util)}</td><td class="num">${mib(g.mem_used)} / ${mib(g.mem_total)}</td>
         <td class="num">${g.temp_c.toFixed(0)} °C</td><td class="num">${g.power_w.toFixed(0)} W</td><td>${procs}</td></tr>`;
     });
-    document.getElementById("gpus").innerHTML = `<tr><th>#</th><th>Model</th><th>UUID</th><th>Held by</th>
+    document.getElementById("gpus").innerHTML = `<tr><th>Node</th><th>#</th><th>Model</th><th>UUID</th><th>Held by</th>
       <th>Utilisation</th><th>Memory</th><th>Temp.</th><th>Power</th><th>Processes (pid → user)</th></tr>` + rows.join("");
     const pts = await Promise.all(state.gpus.map((g) => history("api/admin/history", "gpu", g.uuid)));
     drawChart("chart-gpus", "GPU utilisation %", state.gpus.map((g) => "GPU " + g.index), pts, "util");
