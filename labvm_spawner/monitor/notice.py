@@ -62,6 +62,9 @@ def disk_text(used: int, limit: int) -> str:
                              limit=format_bytes(limit))
 
 
+NAMES = (NOTICE_NAME, DISK_NOTICE_NAME)  # the only notices a node writes on request
+
+
 def put(client: docker.DockerClient, key: str, node: str, name: str, body: str) -> bool:
     """Write the notice ``name`` into the home of ``key``'s user; False if not running."""
     c = running_container(client, key, node)
@@ -86,13 +89,3 @@ def drop(client: docker.DockerClient, key: str, node: str, name: str) -> None:
         c.exec_run(["sh", "-c", _REMOVE.format(name=name)], user="0")
     except docker.errors.APIError as e:
         log.warning("could not remove %s of %s: %s", name, key, e)
-
-
-def write(client: docker.DockerClient, key: str, node: str, stop_at: float,
-          idle_since: float | None = None) -> bool:
-    body = text(idle_since if idle_since is not None else time.time(), stop_at)
-    return put(client, key, node, NOTICE_NAME, body)
-
-
-def remove(client: docker.DockerClient, key: str, node: str) -> None:
-    drop(client, key, node, NOTICE_NAME)

@@ -127,6 +127,8 @@ class MonitorService(Application):
         self.warnings: dict[str, dict[str, Any]] = {}  # key -> the warning its user sees
         self.disk_warned: set[str] = set()  # keys whose disk notice is in their home
         self.remote: dict[str, Sample] = {}  # node -> its agent's latest sample
+        self.reclaims: dict[str, IdleReclaim] = {}  # node -> its idle-GPU bookkeeping
+        self.histories: dict[str, History] = {}  # node -> the writer of its history
         self._aside_sizes: dict[str, int | None] = {}
         self.reclaimed: list[dict[str, Any]] = []
 
@@ -153,13 +155,44 @@ class MonitorService(Application):
             return
         self.recent.add(sample)
         await asyncio.to_thread(self.history.add, sample)
+        await self.act_on(sample)
         if self.cluster.enrolled():
-            await self.sample_nodes()
-        for d in self.reclaim.decide(sample):
-            await self.carry_out(d)
-        await asyncio.to_thread(self.disk_notices, sample)
+            for s in await self.sample_nodes():
+                await asyncio.to_thread(self._history_of(s.node).add, s)
+                await self.act_on(s)
 
-    def disk_notices(self, sample: Sample) -> None:
+    def _history_of(self, node: str) -> History:
+        # One writer per node: a History averages one node's samples per step.
+        if node not in self.histories:
+            self.histories[node] = History(self.history.engine.url.render_as_string(False),
+                                           self.history_step_s, self.retention_days)
+        return self.histories[node]
+
+    async def act_on(self, sample: Sample) -> None:
+        """Idle reclaim and disk warnings for the servers of the node ``sample`` is of."""
+        if sample.node not in self.reclaims:
+            self.reclaims[sample.node] = (self.reclaim if sample.node == self.node_name
+                                          else IdleReclaim(parent=self))
+        for d in self.reclaims[sample.node].decide(sample):
+            await self.carry_out(d, sample.node)
+        await self.disk_notices(sample)
+
+    async def put_notice(self, node: str, key: str, name: str, text: str | None) -> bool:
+        """Write (or, with None, remove) a notice file in the home of ``key``'s user, on
+        this service's node directly, on another through its agent."""
+        if node == self.node_name:
+            if text is None:
+                await asyncio.to_thread(notice.drop, self.collector.docker, key, node, name)
+                return True
+            return await asyncio.to_thread(notice.put, self.collector.docker, key, node,
+                                           name, text)
+        try:
+            return bool((await self.cluster.client(node).notice(key, name, text)).get("done"))
+        except Exception:
+            self.log.exception("could not leave %s for %s on node %s", name, key, node)
+            return False
+
+    async def disk_notices(self, sample: Sample) -> None:
         """A notice in the user's home at 90% of their disk quota, gone again under 85%."""
         running = {c.key for c in sample.containers}
         for key, (used, limit) in sample.disk.items():
@@ -167,22 +200,24 @@ class MonitorService(Application):
                 self.disk_warned.discard(key)
             elif limit and used >= DISK_WARN * limit and key not in self.disk_warned:
                 self.log.info("warning %s: disk %d%% of its quota", key, 100 * used // limit)
-                if notice.put(self.collector.docker, key, self.node_name,
-                              notice.DISK_NOTICE_NAME, notice.disk_text(used, limit)):
+                if await self.put_notice(sample.node, key, notice.DISK_NOTICE_NAME,
+                                         notice.disk_text(used, limit)):
                     self.disk_warned.add(key)
             elif key in self.disk_warned and (not limit or used < DISK_CLEAR * limit):
-                notice.drop(self.collector.docker, key, self.node_name, notice.DISK_NOTICE_NAME)
+                await self.put_notice(sample.node, key, notice.DISK_NOTICE_NAME, None)
                 self.disk_warned.discard(key)
 
-    async def carry_out(self, d: Decision) -> None:
+    async def carry_out(self, d: Decision, node: str | None = None) -> None:
+        node = node or self.node_name
         if d.action == "warn":
             self.warnings[d.key] = {"idle_since": d.idle_since, "stop_at": d.stop_at}
-            self.log.info("warning %s: idle GPUs, stop at %s", d.key, time.ctime(d.stop_at))
-            await asyncio.to_thread(notice.write, self.collector.docker, d.key, self.node_name,
-                                    d.stop_at, d.idle_since)
+            self.log.info("warning %s on node %s: idle GPUs, stop at %s", d.key, node,
+                          time.ctime(d.stop_at))
+            await self.put_notice(node, d.key, notice.NOTICE_NAME,
+                                  notice.text(d.idle_since, d.stop_at))
         elif d.action == "clear":
             self.warnings.pop(d.key, None)
-            await asyncio.to_thread(notice.remove, self.collector.docker, d.key, self.node_name)
+            await self.put_notice(node, d.key, notice.NOTICE_NAME, None)
         elif d.action == "stop":
             self.log.warning("reclaiming the idle GPUs of %s: stopping its server", d.key)
             try:
@@ -204,20 +239,24 @@ class MonitorService(Application):
     def metrics(self) -> bytes:
         return exposition(self.all_latest)
 
-    async def sample_nodes(self) -> None:
-        """Pull each up node's own sample over its authenticated agent channel. A node
-        that does not answer keeps its last sample (the pages show how old it is)."""
+    async def sample_nodes(self) -> list[Sample]:
+        """Pull each up node's own sample over its authenticated agent channel; the new
+        ones. A node that does not answer keeps its last sample (the pages show how old
+        it is)."""
         nodes = await self.cluster.nodes()
+        fresh: list[Sample] = []
 
         async def one(name: str) -> None:
             try:
                 data = await asyncio.wait_for(self.cluster.client(name).sample(), 10)
                 self.remote[name] = Sample.from_dict(data)
+                fresh.append(self.remote[name])
             except Exception as e:  # a report, not a crash (a timeout too)
                 self.log.debug("node %s gave no sample: %s", name, e)
 
         await asyncio.gather(*(one(n) for n, v in nodes.items()
                                if v.up and not v.local and n != self.node_name))
+        return fresh
 
     # ---- views ---------------------------------------------------------------
 

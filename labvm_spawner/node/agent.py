@@ -96,6 +96,17 @@ class ActionHandler(_Handler):
             except (ValueError, LabVMError) as e:
                 raise web.HTTPError(400, str(e)) from None
             await self.call(self.ops.set_ssh_keys, key, keys)
+        elif action == "notice":
+            try:
+                body = json.loads(self.request.body or b"{}")
+            except ValueError:
+                raise web.HTTPError(400, "the body is not JSON") from None
+            text = body.get("text") if isinstance(body, dict) else None
+            if not isinstance(body, dict) or set(body) != {"name", "text"} or not isinstance(
+                    body["name"], str) or not (text is None or (
+                    isinstance(text, str) and len(text) <= 8192)):
+                raise web.HTTPError(400, 'the body must be {"name": ..., "text": str or null}')
+            await self.call(self.ops.notice, key, body["name"], text)
         elif action == "quota":
             try:
                 body = json.loads(self.request.body or b"{}")
@@ -177,7 +188,8 @@ def make_app(ops: NodeOps, token_hash: str, pool: ThreadPoolExecutor) -> web.App
         (rf"/v1/servers/{KEY}", ServerHandler, args),
         (rf"/v1/servers/{KEY}/ssh", SSHTunnelHandler, args),
         (r"/v1/asides/([a-z0-9_.-]{1,100}-[0-9]{9,12})/(restore|delete)", AsideHandler, args),
-        (rf"/v1/servers/{KEY}/(start|stop|sync|discard|quota|ssh-keys)", ActionHandler, args),
+        (rf"/v1/servers/{KEY}/(start|stop|sync|discard|quota|ssh-keys|notice)", ActionHandler,
+         args),
     ])
 
 

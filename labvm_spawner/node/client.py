@@ -116,6 +116,11 @@ class RemoteNode:
     async def info(self) -> dict:
         return await self._call("GET", "/v1/info", timeout_s=20)
 
+    async def notice(self, key: str, name: str, text: str | None) -> dict:
+        """Leave (or remove) one of the admin service's notices in the user's home."""
+        return await self._call("POST", f"/v1/servers/{key}/notice",
+                                {"name": name, "text": text}, timeout_s=30)
+
     async def sample(self) -> dict:
         """The node's usage now: GPUs with their processes' users, containers, the node."""
         return await self._call("GET", "/v1/sample", timeout_s=10)

@@ -483,6 +483,18 @@ class NodeOps:
                                             docker_url=cfg.docker_url)
             return self._collector.sample().to_dict()
 
+    def notice(self, key: str, name: str, text: str | None) -> dict:
+        """Leave (or with None remove) one of the admin service's notices in the home of
+        ``key``'s user (its idle-GPU and disk-quota warnings)."""
+        from ..monitor import notice
+
+        if name not in notice.NAMES:
+            raise LabVMError(f"no such notice {name[:60]!r}")
+        if text is None:
+            notice.drop(self.client, key, self.config.name, name)
+            return {"done": True}
+        return {"done": notice.put(self.client, key, self.config.name, name, text)}
+
     # ---- housekeeping (housekeeping.py) ---------------------------------------------
 
     def housekeep(self) -> dict:

@@ -250,6 +250,57 @@ def test_ssh_reaches_a_user_on_either_node_and_after_a_migration(testbed, hub, t
 QUOTA_FILL = 'dd if=/dev/zero of="$HOME/{name}" bs=1M count={mb} conv=fsync 2>&1; echo "dd-rc=$?"'
 
 
+def test_every_node_is_sampled_with_its_users_on_its_gpus(testbed, hub):
+    """The agent on the user's node samples it: fake NVML there reports a process whose PID
+    is the user's real container; the admin GPUs page, in a real browser, shows that user
+    on that node's GPU with its utilisation, and /metrics has it under node="<n>"."""
+    hub.create_user("gus")
+    hub.spawn("gus", {"gpus": 1}, timeout=300)
+    home = node_of(testbed, "gus")
+    c = testbed.docker(home).containers.get(f"labvm-{home}-gus")
+    [gpu] = [g for g in testbed.records()[home]["info"]["gpus"] if g["holder"] == "gus"]
+    index = next(i for i, g in enumerate(testbed.records()[home]["info"]["gpus"])
+                 if g["uuid"] == gpu["uuid"])
+    testbed.gpu_processes_file(home).write_text(
+        json.dumps({str(index): [[c.attrs["State"]["Pid"], 3 << 30]]}))
+    deadline = time.monotonic() + 60
+    while True:
+        gpus = admin(hub, "GET", "api/admin/state").json()["gpus"]
+        mine = [g for g in gpus if g["node"] == home and g["uuid"] == gpu["uuid"]]
+        if mine and mine[0]["processes"] and mine[0]["processes"][0]["user"] == "gus":
+            break
+        assert time.monotonic() < deadline, f"node {home}'s sample never showed gus: {mine}"
+        time.sleep(1)
+    assert mine[0]["holder_user"] == "gus" and mine[0]["processes"][0]["used"] == 3 << 30
+    assert {g["node"] for g in gpus} >= {"a", "b"}
+    nodes = {n["name"]: n for n in admin(hub, "GET", "api/admin/state").json()["nodes"]}
+    assert nodes[home]["up"] and nodes[home]["containers"] >= 1 and nodes[home]["host"]
+    metrics = requests.get(f"{hub.url}{ADMIN}metrics", timeout=30, headers={
+        "Authorization": f"Bearer {hub.env['LABVM_TEST_METRICS_TOKEN']}"}).text
+    assert re.search(rf'DCGM_FI_DEV_GPU_UTIL\{{[^}}]*node="{home}",user="gus"\}}', metrics)
+    assert f'node="{home}"' in metrics and 'node="a"' in metrics and 'node="b"' in metrics
+    _gpus_page_shows(hub, home, gpu["uuid"])
+    testbed.gpu_processes_file(home).write_text("{}")
+    hub.unspawn("gus")
+
+
+def _gpus_page_shows(hub, node: str, uuid: str) -> None:
+    from playwright.sync_api import sync_playwright
+    from support.browser import ARTIFACTS, launch, log_in
+
+    with sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = log_in(browser.new_context(), hub.url, "boss", hub.password)
+            page.goto(f"{hub.url}{ADMIN}admin/gpus")
+            row = page.locator(f"tr[data-uuid='{uuid}'][data-node='{node}']")
+            row.wait_for(timeout=30000)
+            assert "gus" in row.inner_text()
+            page.screenshot(path=str(ARTIFACTS / "testbed-admin-gpus.png"), full_page=True)
+        finally:
+            browser.close()
+
+
 def test_the_disk_quota_follows_the_user_to_another_node(testbed, hub):
     hub.create_user("quinn")
     r = admin(hub, "POST", "api/admin/quota", json={"key": "quinn", "disk": "64M"})

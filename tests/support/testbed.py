@@ -37,11 +37,24 @@ MFS_NET = "10.77.0.0/24"
 MFS_PASSWORD = Path(os.environ.get("LABVM_MFS_DIR", "/var/lib/labvm/mfs-test")) / "mfs.password"
 GPUS = {"a": [0, 1], "b": [2, 3]}
 
+# The agent's NVML is faked; its GPU processes come from a JSON file a test may write
+# ({"<gpu index>": [[pid, bytes]]}), so real container PIDs can be put on fake GPUs.
 _SHIM = """
-import sys
+import json, sys
 sys.path.insert(0, {tests!r})
 from support import fake_nvml
-fake_nvml.install({fixture!r})
+import pynvml
+fake = fake_nvml.install({fixture!r})
+listing = pynvml.nvmlDeviceGetComputeRunningProcesses
+def processes(handle):
+    try:
+        with open({procs!r}) as f:
+            wanted = json.load(f)
+    except (OSError, ValueError):
+        wanted = {{}}
+    fake.set_processes(handle.index, wanted.get(str(handle.index), []))
+    return listing(handle)
+pynvml.nvmlDeviceGetComputeRunningProcesses = processes
 from labvm_spawner.cli.node import main
 main(sys.argv[1:])
 """
@@ -154,7 +167,8 @@ class Testbed:
         env.pop("LABVM_CRASH_AT", None)
         if crash_at:
             env["LABVM_CRASH_AT"] = crash_at
-        shim = _SHIM.format(tests=str(REPO / "tests"), fixture=str(self.work / f"{n}-nvml.json"))
+        shim = _SHIM.format(tests=str(REPO / "tests"), fixture=str(self.work / f"{n}-nvml.json"),
+                            procs=str(self.gpu_processes_file(n)))
         args = [
             "--name", n, "--listen", f"{NODE_IP[n]}:{AGENT_PORT}",
             "--url", f"https://{NODE_IP[n]}:{AGENT_PORT}",
@@ -172,6 +186,9 @@ class Testbed:
             ["nsenter", f"--net=/var/run/netns/labvm-{n}", sys.executable, "-c", shim, *args],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
+
+    def gpu_processes_file(self, n: str) -> Path:
+        return self.work / f"{n}-gpu-processes.json"
 
     def records(self) -> dict[str, dict]:
         from labvm_spawner.node import registry
