@@ -12,8 +12,6 @@ API (``docker stats``-style, one request per container). A pass over 30 containe
 take longer than 5 s of wall time, so it is measured per pass and scaled to the 12
 passes a minute the collector makes: CPU seconds per minute at the same freshness.
 
-    .venv/bin/python bench/monitor.py
-
 The service's side of a cluster, in the same run: every 5 s it takes in the samples of
 8 simulated nodes (copies of the real one: 8 GPUs and 30 containers each), as JSON the way
 their agents send them, and does what it does with each (parse, history, idle-GPU
