@@ -236,6 +236,20 @@ class MonitorService(Application):
         own = self.latest()
         return ([own] if own else []) + [self.remote[n] for n in sorted(self.remote)]
 
+    def merged(self) -> Sample | None:
+        """Every node's latest containers, GPUs and disks in one sample (this node's host
+        figures): what the users' views look a root up in, wherever it runs."""
+        samples = self.all_latest()
+        if not samples:
+            return None
+        own = samples[0]
+        disk: dict[str, tuple[int, int]] = {}
+        for s in samples:
+            disk.update(s.disk)
+        return Sample(t=own.t, node=own.node, host=own.host,
+                      gpus=[g for s in samples for g in s.gpus],
+                      containers=[c for s in samples for c in s.containers], disk=disk)
+
     def metrics(self) -> bytes:
         return exposition(self.all_latest)
 
@@ -266,7 +280,7 @@ class MonitorService(Application):
         cluster = self.cluster
         nodes = await cluster.nodes()
         placements = cluster.placements()
-        views = [user_view(u, sample, self.store_root, self.warnings, placements)
+        views = [user_view(u, self.merged(), self.store_root, self.warnings, placements)
                  for u in users]
         return {
             # "nodes" is this service's own, sampled node; "cluster_nodes" every
@@ -321,7 +335,7 @@ class MonitorService(Application):
     async def user_state(self, name: str) -> dict[str, Any]:
         users = {u["name"]: u for u in await self.hub.users()}
         user = users.get(name, {"name": name})
-        return user_view(user, self.latest(), self.store_root, self.warnings,
+        return user_view(user, self.merged(), self.store_root, self.warnings,
                          self.cluster.placements())
 
     async def restore(self, key: str, version: int) -> int:
