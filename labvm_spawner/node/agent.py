@@ -47,6 +47,16 @@ class _Handler(web.RequestHandler):
         msg = exc.log_message if isinstance(exc, web.HTTPError) and exc.log_message else None
         self.finish({"error": msg or self._reason})
 
+    def json_body(self) -> dict:
+        """The request's body, which must be one JSON object."""
+        try:
+            body = json.loads(self.request.body or b"{}")
+        except ValueError:
+            raise web.HTTPError(400, "the body is not JSON") from None
+        if not isinstance(body, dict):
+            raise web.HTTPError(400, "the body must be a JSON object")
+        return body
+
     async def call(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
         loop = asyncio.get_running_loop()
         try:
@@ -76,11 +86,8 @@ class ServerHandler(_Handler):
 class ActionHandler(_Handler):
     async def post(self, key: str, action: str) -> None:
         if action == "start":
-            try:
-                body = json.loads(self.request.body or b"{}")
-            except ValueError:
-                raise web.HTTPError(400, "the body is not JSON") from None
-            if not isinstance(body, dict) or body.get("key") != key:
+            body = self.json_body()
+            if body.get("key") != key:
                 raise web.HTTPError(400, "the body must be a start request for this key")
             try:
                 req = StartRequest.from_json(body)
@@ -88,32 +95,25 @@ class ActionHandler(_Handler):
                 raise web.HTTPError(400, str(e)) from e
             await self.call(self.ops.start, req)
         elif action == "ssh-keys":
+            body = self.json_body()
             try:
-                body = json.loads(self.request.body or b"{}")
-                if not isinstance(body, dict) or set(body) != {"keys"}:
+                if set(body) != {"keys"}:
                     raise LabVMError("the body must be {\"keys\": [key lines]}")
                 keys = check_lines(body["keys"])
-            except (ValueError, LabVMError) as e:
+            except LabVMError as e:
                 raise web.HTTPError(400, str(e)) from None
             await self.call(self.ops.set_ssh_keys, key, keys)
         elif action == "notice":
-            try:
-                body = json.loads(self.request.body or b"{}")
-            except ValueError:
-                raise web.HTTPError(400, "the body is not JSON") from None
-            text = body.get("text") if isinstance(body, dict) else None
-            if not isinstance(body, dict) or set(body) != {"name", "text"} or not isinstance(
-                    body["name"], str) or not (text is None or (
-                    isinstance(text, str) and len(text) <= 8192)):
+            body = self.json_body()
+            text = body.get("text")
+            if set(body) != {"name", "text"} or not isinstance(body["name"], str) or not (
+                    text is None or (isinstance(text, str) and len(text) <= 8192)):
                 raise web.HTTPError(400, 'the body must be {"name": ..., "text": str or null}')
             await self.call(self.ops.notice, key, body["name"], text)
         elif action == "quota":
-            try:
-                body = json.loads(self.request.body or b"{}")
-            except ValueError:
-                raise web.HTTPError(400, "the body is not JSON") from None
-            disk = body.get("disk_bytes") if isinstance(body, dict) else None
-            if not isinstance(body, dict) or set(body) != {"disk_bytes"} or not (
+            body = self.json_body()
+            disk = body.get("disk_bytes")
+            if set(body) != {"disk_bytes"} or not (
                     disk is None or (type(disk) is int and MIN_DISK <= disk <= 1 << 60)):
                 raise web.HTTPError(400, "the body must be {\"disk_bytes\": bytes (at least "
                                     f"{MIN_DISK >> 20} MiB) or null}}")
