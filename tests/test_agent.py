@@ -58,6 +58,25 @@ class StubOps:
     def discard(self, key: str) -> dict:
         return self._call("discard", key)
 
+    def sample(self) -> dict:
+        return self._call("sample")
+
+    def set_ssh_keys(self, key: str, keys: list[str]) -> dict:
+        return self._call("set_ssh_keys", key, len(keys))
+
+    def notice(self, key: str, name: str, text: str | None) -> dict:
+        return self._call("notice", key, name)
+
+    def restore_aside(self, aside_id: str) -> dict:
+        return self._call("restore_aside", aside_id)
+
+    def delete_aside(self, aside_id: str) -> dict:
+        return self._call("delete_aside", aside_id)
+
+    def ssh_address(self, key: str) -> str:
+        self.calls.append(("ssh_address", key))
+        raise LabVMError(f"{key} is not running on node n1")
+
 
 @pytest.fixture
 async def agent():
@@ -85,7 +104,9 @@ async def agent():
 ROUTES = [("GET", "/v1/info", "info"), ("GET", "/v1/servers/alice", "status"),
           ("POST", "/v1/servers/alice/start", "start"), ("POST", "/v1/servers/alice/stop", "stop"),
           ("POST", "/v1/servers/alice.work/sync", "sync"),
-          ("POST", "/v1/servers/alice/discard", "discard")]
+          ("POST", "/v1/servers/alice/discard", "discard"), ("GET", "/v1/sample", "sample"),
+          ("POST", "/v1/asides/alice-1796143930/restore", "restore_aside"),
+          ("POST", "/v1/asides/alice.work-1796143930/delete", "delete_aside")]
 
 
 @pytest.mark.parametrize("method,path,op", ROUTES)
@@ -138,3 +159,36 @@ async def test_engine_refusals_are_400_and_409_with_their_words(agent) -> None:
     ops.fail = GpuUnavailable("1 GPU requested but none is free on node n1")
     r = await call("POST", "/v1/servers/alice/start", REQUEST)
     assert r.code == 409 and "none is free" in json.loads(r.body)["error"]
+
+
+KEY_LINE = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK9VD8fCDBHhi8U3VQmpC+9BmCB52MYvxaUxkQ77VfpY"
+            " me@x")
+
+
+async def test_key_and_notice_bodies_are_checked_before_the_engine_sees_them(agent) -> None:
+    ops, call = agent
+    for body in ({"keys": [KEY_LINE + "\nssh-ed25519 AAAA evil"]}, {"keys": "x"},
+                 {"keys": [f'command="sh" {KEY_LINE}']}, {"keys": [], "more": 1}, ["x"]):
+        r = await call("POST", "/v1/servers/alice/ssh-keys", body)
+        assert r.code == 400, (body, r.body)
+    for body in ({"name": "x"}, {"name": 1, "text": None}, {"name": "n", "text": 5},
+                 {"name": "n", "text": "x" * 9000}):
+        r = await call("POST", "/v1/servers/alice/notice", body)
+        assert r.code == 400, (body, r.body)
+    assert ops.calls == []
+    assert (await call("POST", "/v1/servers/alice/ssh-keys", {"keys": [KEY_LINE]})).code == 200
+    r = await call("POST", "/v1/servers/alice/notice", {"name": "LABVM-X.txt", "text": None})
+    assert r.code == 200
+    assert ops.calls == [("set_ssh_keys", "alice", 1), ("notice", "alice", "LABVM-X.txt")]
+    for path in ("/v1/asides/../restore", "/v1/asides/alice-1/restore",
+                 "/v1/asides/alice-1796143930/chmod"):
+        assert (await call("POST", path)).code == 404, path
+
+
+async def test_the_ssh_tunnel_needs_the_token_and_a_running_server(agent) -> None:
+    ops, call = agent
+    assert (await call("GET", "/v1/servers/alice/ssh", token=None)).code == 401
+    assert (await call("GET", "/v1/servers/alice/ssh", token=OTHER)).code == 401
+    assert ops.calls == []
+    r = await call("GET", "/v1/servers/alice/ssh")
+    assert r.code == 404 and "not running" in json.loads(r.body)["error"]
