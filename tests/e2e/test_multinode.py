@@ -301,6 +301,37 @@ def _gpus_page_shows(hub, node: str, uuid: str) -> None:
             browser.close()
 
 
+def test_a_running_roots_version_outlives_prunes_from_elsewhere(testbed, hub, tmp_path):
+    """keep=2; a server runs over version 2; five commits of its root come from elsewhere.
+    Prune and fsck leave version 2 (leased by the server's node) in place, and the server
+    reads every file of it; once it stops, the next prune removes it."""
+    from labvm_spawner.storage import open_store
+
+    store = open_store(testbed.store, keep=2)
+    store.current_path("lea")
+    up = tmp_path / "v2"
+    (up / "home" / "lea" / "set").mkdir(parents=True)
+    for i in range(200):
+        (up / "home" / "lea" / "set" / f"f{i}").write_text(f"{i}\n" * 500)
+    v2, _ = store.commit("lea", up)
+    hub.create_user("lea")
+    hub.spawn("lea", timeout=300)
+    home = node_of(testbed, "lea")
+    assert store.leases("lea")[home]["versions"] == [v2]
+    for i in range(5):  # as a restore or a merge on another node would
+        (tmp_path / f"c{i}").mkdir()
+        (tmp_path / f"c{i}" / f"c{i}").write_text(str(i))
+        store.commit("lea", tmp_path / f"c{i}")
+    assert v2 in store.versions("lea") and len(store.versions("lea")) == 3
+    assert store.prune("lea") == [] and store.skipped["lea"] == {v2: [home]}
+    assert store.fsck(keys=["lea"]).clean and v2 in store.versions("lea")
+    rc, out = run(hub, "lea", "cat ~/set/f* | wc -l; find ~/set -type f | wc -l")
+    assert rc == 0 and out.split() == ["100000", "200"], out
+    hub.unspawn("lea")
+    assert store.leases("lea") == {}
+    assert store.prune("lea") == [v2]
+
+
 def test_the_disk_quota_follows_the_user_to_another_node(testbed, hub):
     hub.create_user("quinn")
     r = admin(hub, "POST", "api/admin/quota", json={"key": "quinn", "disk": "64M"})
