@@ -310,9 +310,9 @@ def test_a_running_roots_version_outlives_prunes_from_elsewhere(testbed, hub, tm
     store = open_store(testbed.store, keep=2)
     store.current_path("lea")
     up = tmp_path / "v2"
-    (up / "home" / "lea" / "set").mkdir(parents=True)
+    (up / "srv" / "set").mkdir(parents=True)
     for i in range(200):
-        (up / "home" / "lea" / "set" / f"f{i}").write_text(f"{i}\n" * 500)
+        (up / "srv" / "set" / f"f{i}").write_text(f"{i}\n" * 500)
     v2, _ = store.commit("lea", up)
     hub.create_user("lea")
     hub.spawn("lea", timeout=300)
@@ -325,7 +325,7 @@ def test_a_running_roots_version_outlives_prunes_from_elsewhere(testbed, hub, tm
     assert v2 in store.versions("lea") and len(store.versions("lea")) == 3
     assert store.prune("lea") == [] and store.skipped["lea"] == {v2: [home]}
     assert store.fsck(keys=["lea"]).clean and v2 in store.versions("lea")
-    rc, out = run(hub, "lea", "cat ~/set/f* | wc -l; find ~/set -type f | wc -l")
+    rc, out = run(hub, "lea", "cat /srv/set/f* | wc -l; find /srv/set -type f | wc -l")
     assert rc == 0 and out.split() == ["100000", "200"], out
     hub.unspawn("lea")
     assert store.leases("lea") == {}
