@@ -1,6 +1,7 @@
 """Housekeeping a node does on a schedule, so that no admin has to remember it:
 
-* ``image prune``: unpacked image trees no mounted root uses and no kept image needs;
+* ``image prune``: unpacked image trees of images the engine no longer has, that no
+  mounted root uses;
 * ``storage fsck`` of the roots this node owns: a report, repairs only when so set;
 * pruning of their versions past ``keep`` that no lease holds (``storage/leases.py``).
 
@@ -25,11 +26,15 @@ log = logging.getLogger("labvm.node")
 RESULT_FILE = "housekeeping.json"
 
 
-def run(store: LayerStore, node: str, rootfs_dir: Path, keep_image_ids: set[str],
+def run(store: LayerStore, node: str, rootfs_dir: Path, keep_image_ids: set[str] | None,
         repair: bool = False) -> dict[str, Any]:
-    """One round; every step reports what it did or why it failed, none stops the rest."""
+    """One round; every step reports what it did or why it failed, none stops the rest.
+    ``keep_image_ids``: the images whose trees stay (None: the image list is unknown, and
+    no tree is pruned)."""
     result: dict[str, Any] = {"t": time.time(), "node": node}
     try:
+        if keep_image_ids is None:
+            raise RuntimeError("the engine's images are unknown: nothing pruned")
         removed = prune_rootfs(rootfs_dir, keep_image_ids, min_age_s=3600)
         result["image_prune"] = {"removed": [p.name for p in removed]}
     except Exception as e:  # a report, never a crash of the node

@@ -499,11 +499,14 @@ class NodeOps:
 
     def housekeep(self) -> dict:
         """One round of image prune, fsck and version prune; kept for the admin pages."""
-        keep = {c.image.id for c in self._running()}
+        # Every image this node's engine still has may be started at any moment (a start
+        # finds its tree unpacked and mounts it): only trees of images gone from the
+        # engine are pruned. `labvm image prune --keep` is the manual, stricter one.
         try:
-            keep.add(self.client.images.get(USER_IMAGE).id)
-        except docker.errors.DockerException:
-            pass
+            keep = {i.id for i in self.client.images.list()}
+        except docker.errors.DockerException as e:
+            log.warning("housekeeping: cannot list images (%s); no image tree pruned", e)
+            keep = None
         result = housekeeping.run(self.store, self.config.name,
                                   Path(self.config.image_layer_dir or self.state / "rootfs"),
                                   keep, self.config.housekeeping_repair)
