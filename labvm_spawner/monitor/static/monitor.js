@@ -176,7 +176,7 @@
     document.getElementById("gpus").innerHTML = `<tr><th>Node</th><th>#</th><th>Model</th><th>UUID</th><th>Held by</th>
       <th>Utilisation</th><th>Memory</th><th>Temp.</th><th>Power</th><th>Processes (pid → user)</th></tr>` + rows.join("");
     const pts = await Promise.all(state.gpus.map((g) => history("api/admin/history", "gpu", g.uuid)));
-    drawChart("chart-gpus", "GPU utilisation %", state.gpus.map((g) => "GPU " + g.index), pts, "util");
+    drawChart("chart-gpus", "GPU utilisation %", state.gpus.map((g) => `${g.node} GPU ${g.index}`), pts, "util");
   }
 
   // ---- admin: users ----------------------------------------------------------
