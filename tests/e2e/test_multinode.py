@@ -853,3 +853,35 @@ def test_agents_refuse_starts_they_must_not_run(testbed, hub):
         assert r.json()["error"], what
     assert not testbed.docker("a").containers.list(all=True,
                                                    filters={"label": "labvm.key=mallory"})
+
+
+def test_idle_reclaim_stops_an_idle_server_on_a_node_after_the_warning(testbed, hub):
+    """Idle GPU reclaim for a server on an agent's node: the service sees the idle GPU in
+    that node's own sample, leaves the warning in the user's home there (through the
+    agent), then stops the server. A second hub with reclaim on takes the test bed's hub
+    address for this test (containers may reach only that one)."""
+    hub.stop()
+    other = testbed.hub(testbed.work / "hub-reclaim", PORT,
+                        env={"LABVM_TEST_MONITOR_IDLE_S": "40"})  # warned at 20 s, stop at 40
+    try:
+        other.start()
+        testbed.enroll(other)
+        other.create_user("rita")
+        other.spawn("rita", {"gpus": 1}, timeout=300)
+        node = node_of(testbed, "rita")
+        box = testbed.docker(node).containers.get(f"labvm-{node}-rita")
+        warning = '"$(getent passwd rita | cut -d: -f6)"/LABVM-IDLE-GPU-WARNING.txt'
+        deadline = time.monotonic() + 60
+        while box.exec_run(["sh", "-c", f"test -s {warning}"]).exit_code != 0:
+            assert time.monotonic() < deadline, f"no warning in rita's home on node {node}"
+            time.sleep(1)
+        text = box.exec_run(["sh", "-c", f"cat {warning}"]).output.decode()
+        assert "STOPPED" in text and "files are kept" in text
+        deadline = time.monotonic() + 90
+        while other.api("GET", "/users/rita").json()["servers"]:
+            assert time.monotonic() < deadline, other.log_tail()
+            time.sleep(1)
+        assert node_of(testbed, "rita") is None
+    finally:
+        other.stop()
+        hub.start()
