@@ -90,21 +90,10 @@ if os.environ.get("LABVM_TEST_MONITOR") == "1":
     # processes come from a JSON file the test writes ({"<gpu index>": [[pid, bytes]]}),
     # so real container PIDs can be put on fake GPUs.
     _monitor_shim = f"""
-import json, os, sys
+import os, sys
 sys.path.insert(0, {str(here)!r})
 from support import fake_nvml
-import pynvml
-fake = fake_nvml.install()
-listing = pynvml.nvmlDeviceGetComputeRunningProcesses
-def processes(handle):
-    try:
-        with open(os.environ["LABVM_TEST_MONITOR_PROCS"]) as f:
-            wanted = json.load(f)
-    except (OSError, ValueError):
-        wanted = {{}}
-    fake.set_processes(handle.index, wanted.get(str(handle.index), []))
-    return listing(handle)
-pynvml.nvmlDeviceGetComputeRunningProcesses = processes
+fake_nvml.install_with_process_file(os.environ["LABVM_TEST_MONITOR_PROCS"])
 from labvm_spawner.monitor.service import main
 main(sys.argv[1:])
 """

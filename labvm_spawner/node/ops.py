@@ -518,8 +518,7 @@ class NodeOps:
 
     def asides(self) -> list[dict]:
         """The set-aside uppers on this node (sizes measured once: they never change)."""
-        found = asides.listing(self.state, self.config.name, self._aside_sizes)
-        return found
+        return asides.listing(self.state, self.config.name, self._aside_sizes)
 
     def restore_aside(self, aside_id: str) -> dict:
         n = asides.restore(self.state, self.store, aside_id)

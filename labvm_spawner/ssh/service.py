@@ -25,6 +25,7 @@ from traitlets.config import Application
 from .. import db, names
 from ..cluster import Cluster
 from ..monitor.hubapi import HubApi
+from ..monitor.notice import running_container
 from . import hostkey
 from .gateway import AuditLog, Gateway, Refused, Route, Stopped
 from .throttle import Throttle
@@ -143,13 +144,11 @@ class SSHService(Application):
         if self._docker is None:
             self._docker = (docker.DockerClient(base_url=self.docker_url) if self.docker_url
                             else docker.from_env())
-        found = self._docker.containers.list(filters={
-            "label": [f"labvm.key={key}", f"labvm.node={self.local_node}"],
-            "status": "running"})
-        for c in found:
-            for net in (c.attrs["NetworkSettings"].get("Networks") or {}).values():
-                if net.get("IPAddress"):
-                    return net["IPAddress"]
+        c = running_container(self._docker, key, self.local_node)
+        for net in ((c.attrs["NetworkSettings"].get("Networks") or {}).values()
+                    if c is not None else []):
+            if net.get("IPAddress"):
+                return net["IPAddress"]
         raise Stopped(f"LabVM: the container of {key} is not running on node "
                       f"{self.local_node}")
 

@@ -39,8 +39,9 @@ def scene(*args: object) -> dict:
 
 
 def test_the_reviewed_exploit_writes_nothing_outside(overlay_ok: None) -> None:
-    # The security review's steps (ln -s /etc, swap L for a relative symlink through it,
-    # then repoint M) with the canary standing in for /etc; journal and rescan syncs.
+    # The security review's steps (a symlink to the scene's canary where the review had
+    # the host's /etc, L swapped for a relative symlink through it, then M repointed),
+    # in the scene's private read-only-root namespace; journal and rescan syncs.
     r = scene("exploit")
     assert r["canary_same"], "the sync wrote through the user's symlinks"
     assert r["leaks"] == []

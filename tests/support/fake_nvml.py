@@ -202,6 +202,27 @@ def load_fixture(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def install_with_process_file(process_file: str | os.PathLike[str],
+                              fixture_path: str | os.PathLike[str] | None = None) -> FakeNvml:
+    """``install`` for a whole process (a hub service, a node agent), whose GPU processes
+    come from a JSON file a test writes ({"<gpu index>": [[pid, bytes]]}), so that real
+    container PIDs can be put on fake GPUs; read again at every listing."""
+    fake = install(fixture_path)
+    listing = pynvml.nvmlDeviceGetComputeRunningProcesses
+
+    def processes(handle: Any) -> Any:
+        try:
+            with open(process_file) as f:
+                wanted = json.load(f)
+        except (OSError, ValueError):
+            wanted = {}
+        fake.set_processes(handle.index, wanted.get(str(handle.index), []))
+        return listing(handle)
+
+    pynvml.nvmlDeviceGetComputeRunningProcesses = processes
+    return fake
+
+
 def install(
     fixture_path: str | os.PathLike[str] | None = None, monkeypatch: Any = None
 ) -> FakeNvml:

@@ -37,24 +37,12 @@ MFS_NET = "10.77.0.0/24"
 MFS_PASSWORD = Path(os.environ.get("LABVM_MFS_DIR", "/var/lib/labvm/mfs-test")) / "mfs.password"
 GPUS = {"a": [0, 1], "b": [2, 3]}
 
-# The agent's NVML is faked; its GPU processes come from a JSON file a test may write
-# ({"<gpu index>": [[pid, bytes]]}), so real container PIDs can be put on fake GPUs.
+# The agent's NVML is faked; its GPU processes come from a file a test may write.
 _SHIM = """
-import json, sys
+import sys
 sys.path.insert(0, {tests!r})
 from support import fake_nvml
-import pynvml
-fake = fake_nvml.install({fixture!r})
-listing = pynvml.nvmlDeviceGetComputeRunningProcesses
-def processes(handle):
-    try:
-        with open({procs!r}) as f:
-            wanted = json.load(f)
-    except (OSError, ValueError):
-        wanted = {{}}
-    fake.set_processes(handle.index, wanted.get(str(handle.index), []))
-    return listing(handle)
-pynvml.nvmlDeviceGetComputeRunningProcesses = processes
+fake_nvml.install_with_process_file({procs!r}, {fixture!r})
 from labvm_spawner.cli.node import main
 main(sys.argv[1:])
 """
