@@ -15,22 +15,13 @@ Last line: spawn_ratio=<total LabVM spawn time / total DockerSpawner spawn time>
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-
-import docker  # noqa: E402
-from support.hubharness import Hub, node_hub  # noqa: E402
-
-from labvm_spawner import images  # noqa: E402
-from labvm_spawner.node.overlay import mount_points  # noqa: E402
+from _hubs import two_hubs
+from support.hubharness import Hub
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 ROOT = Path(os.environ.get("LABVM_TEST_ROOT", "/var/lib/labvm-test"))
@@ -43,26 +34,8 @@ def timed_spawn(hub: Hub, user: str) -> float:
 
 
 def main() -> int:
-    client = docker.from_env()
-    image = images.build_all(client)
-    node = f"bench-{uuid.uuid4().hex[:8]}"
-    base = ROOT / node
-    hubs = {}
-    for i, kind in enumerate(("labvm", "docker")):
-        hub = node_hub(base / kind, node, image, ROOT / "rootfs", port=19000 + 10 * i,
-                       config=REPO / "bench" / "hub_config.py", env={"BENCH_SPAWNER": kind})
-        hub.poll_interval = 0.05
-        hubs[kind] = hub
     times: dict[tuple[str, str], list[float]] = {}
-    try:
-        for hub in hubs.values():
-            hub.start()
-        # One untimed spawn each, so that one-off work (unpacking the image layer,
-        # the page cache) is not charged to either side.
-        for hub in hubs.values():
-            hub.create_user("warmup")
-            hub.spawn("warmup")
-            hub.unspawn("warmup")
+    with two_hubs(ROOT, "bench") as hubs:
         for r in range(ROUNDS):
             order = ("labvm", "docker") if r % 2 == 0 else ("docker", "labvm")
             for kind in order:
@@ -74,19 +47,6 @@ def main() -> int:
                 hub.unspawn(user)
             print(f"round {r + 1}/{ROUNDS}: " + ", ".join(
                 f"{k}/{m} {v[-1]:.2f}s" for (k, m), v in sorted(times.items())), flush=True)
-    finally:
-        artifacts = REPO / "tests" / "artifacts"
-        artifacts.mkdir(parents=True, exist_ok=True)
-        for kind, hub in hubs.items():
-            hub.stop()
-            if hub.log_path.exists():  # for reading where the time went
-                shutil.copyfile(hub.log_path, artifacts / f"bench-spawn-{kind}.log")
-        for c in client.containers.list(all=True, filters={"label": f"labvm.node={node}"}):
-            c.remove(force=True)
-        for mp in sorted(mount_points(), key=len, reverse=True):
-            if mp.startswith(str(base)):
-                subprocess.run(["umount", "-l", mp], check=False)
-        shutil.rmtree(base, ignore_errors=True)
 
     for (kind, mode), v in sorted(times.items()):
         print(f"{kind:7s} {mode}: median {statistics.median(v):.3f}s  "

@@ -27,12 +27,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from . import db
-from .errors import LabVMError
+from .errors import LabVMError, StoreUnreachable
 from .names import check_node_name
 from .node import auth, registry
 from .node.client import LocalNode, Node, RemoteNode
 from .node.protocol import NodeInfo
 from .ssh.keystore import KeyStore
+from .storage.health import StoreProbe
 
 if TYPE_CHECKING:
     from .node.ops import NodeOps
@@ -172,6 +173,8 @@ class Cluster:
         _Base.metadata.create_all(self.engine)
         self.ssh_keys = KeyStore(self.engine)
         self.registry_dir = registry_dir
+        self.registry_probe = StoreProbe(registry_dir) if registry_dir else None
+        self._last_records: dict = {}
         self.key_file = key_file
         self.local = LocalNode(local) if local is not None else None
         self.down_after_s = down_after_s
@@ -193,8 +196,22 @@ class Cluster:
         views: dict[str, NodeView] = {}
         enrolled = self.enrolled()
         warnings: list[str] = []
-        records = (await asyncio.to_thread(registry.read_records, self.registry_dir,
-                                           self.down_after_s) if self.registry_dir else {})
+        records: dict = {}
+        if self.registry_probe is not None:
+            # The registry is on the layer store: never block on it while it is down.
+            store = await asyncio.to_thread(self.registry_probe.check)
+            if store.reachable:
+                records = await asyncio.to_thread(registry.read_records, self.registry_dir,
+                                                  self.down_after_s)
+                self._last_records = records
+            else:
+                # No heartbeat can be read or written meanwhile: the nodes stand as they
+                # were last seen (starts are refused, see require_registry), and are still
+                # sampled and polled over their own channel.
+                records = self._last_records
+                since = time.strftime("%H:%M:%S", time.localtime(store.since))
+                warnings.append(f"the node registry on the layer store does not answer "
+                                f"({store.error}) since {since}; nodes are shown as last seen")
         for name, node in enrolled.items():
             rec = records.get(name)
             if rec is not None and not auth.record_signed_by(node["cert_pem"],
@@ -220,6 +237,15 @@ class Cluster:
                                               self.local.name in drained, self._local_info,
                                               0.0, local=True)
         return views
+
+    def require_registry(self) -> None:
+        """Refuse a start while the registry (on the layer store) does not answer."""
+        store = self.registry_probe.state if self.registry_probe is not None else None
+        if store is not None and not store.reachable:
+            raise StoreUnreachable(
+                f"LabVM's layer store does not answer ({store.error}), so no server can "
+                "start now. Running servers go on working; try again in a few minutes."
+            )
 
     def client(self, name: str) -> Node:
         """How to reach node ``name``: only an enrolled, unrevoked node, at its enrolled

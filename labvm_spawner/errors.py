@@ -11,3 +11,9 @@ class LabVMError(Exception):
         # JupyterHub shows this attribute, instead of "Internal Server Error", on the
         # spawn page and in REST API errors.
         return str(self)
+
+
+class StoreUnreachable(LabVMError):
+    """The layer store does not answer (MooseFS's master is down, say): try again later."""
+
+    status = 503

@@ -271,6 +271,7 @@ class LabVMSpawner(NodeSettings, Spawner):
     async def _start(self):
         # Everything that can be refused is checked before anything is created.
         nodes = await self.cluster.nodes()
+        self.cluster.require_registry()
         key, limits, count, model, sharing = self._checked_request(self._gpu_models(nodes))
         limits, caps = self._capped(limits, nodes)
         for cap in caps:
@@ -416,7 +417,7 @@ def _start_background_sync(ops, log) -> None:  # ops: node.ops.NodeOps
 
     async def tick() -> None:
         try:
-            await asyncio.to_thread(ops.sync_running)
+            await asyncio.get_running_loop().run_in_executor(ops.pool, ops.sync_running)
         except Exception:
             log.exception("background sync of node %s failed", ops.config.name)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A throw-away, single-host MooseFS for tests and benchmarks.
 #
-#   scripts/moosefs.sh up|down|status [STATE_DIR]
+#   scripts/moosefs.sh up|down|status|master-stop|master-start [STATE_DIR]
 #
 # The master and the chunkserver each run in their own network namespace
 # (the chunkserver refuses a 127.x master), joined to the root namespace by a
@@ -16,7 +16,7 @@
 # Clients must come from the root namespace's address (the hub, and the test bed's nodes,
 # whose traffic is NATed to it) and know the password in STATE_DIR/mfs.password (0600,
 # made once); the exports keep only its MD5. "up" is idempotent; "down" removes mounts,
-# processes, namespaces and data.
+# processes, namespaces and data; master-stop and master-start make an outage of the master.
 set -euo pipefail
 
 CMD=${1:-status}
@@ -210,6 +210,20 @@ down() {
     esac
 }
 
+# An outage of the master (an upgrade, say): clients block until it is back.
+master_stop() {
+    ip netns exec "$NS_M" mfsmaster -c "$STATE/mfsmaster.cfg" stop >>"$STATE/master.log" 2>&1 || true
+    local i
+    for i in $(seq 1 100); do ns_running "$NS_M" mfsmaster || return 0; sleep 0.1; done
+    log "the master did not stop"; return 1
+}
+
+master_start() {
+    ns_running "$NS_M" mfsmaster && return 0
+    ip netns exec "$NS_M" mfsmaster -a -c "$STATE/mfsmaster.cfg" start >>"$STATE/master.log" 2>&1 ||
+        { tail -n 20 "$STATE/master.log" >&2; return 1; }
+}
+
 status() {
     local rc=0
     if ns_running "$NS_M" mfsmaster; then echo "master: running ($MASTER_IP)"; else echo "master: stopped"; rc=1; fi
@@ -223,8 +237,10 @@ case "$CMD" in
 up) up ;;
 down) down ;;
 status) status ;;
+master-stop) master_stop ;;
+master-start) master_start ;;
 *)
-    echo "usage: $0 up|down|status [STATE_DIR]" >&2
+    echo "usage: $0 up|down|status|master-stop|master-start [STATE_DIR]" >&2
     exit 2
     ;;
 esac

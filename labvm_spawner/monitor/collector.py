@@ -22,6 +22,7 @@ from .. import db
 from ..errors import LabVMError
 from ..node.allocations import GpuAllocator
 from ..node.quota import Quotas
+from ..storage.health import StoreProbe
 from . import procfs
 from .cgroups import CgroupReader, CgroupReading
 from .gpus import GpuSampler
@@ -76,6 +77,8 @@ class NodeSample:
     upper_total: int
     store_free: int  # the layer store
     store_total: int
+    store_reachable: bool = True  # False while it does not answer (storage/health.py)
+    store_since: float = 0.0  # when it last became reachable or unreachable
 
 
 @dataclass
@@ -143,6 +146,7 @@ class Collector(LoggingConfigurable):
         self._listed_at = 0.0
         self._prev_cpu: dict[str, tuple[float, int]] = {}  # id -> (monotonic, cpu_ns)
         self._prev_node: procfs.CpuTimes | None = None
+        self._store_probe: StoreProbe | None = None
         self.quotas = Quotas(Path(self.state_dir) / "uppers")
 
     # ---- sources -------------------------------------------------------------
@@ -233,9 +237,14 @@ class Collector(LoggingConfigurable):
         self._prev_node = times
         mem_used, mem_total = procfs.read_meminfo(proc)
         upper_free, upper_total = procfs.disk_usage(self.state_dir)
-        store_free, store_total = procfs.disk_usage(self.store_path)
+        # A MooseFS store whose master is down would block a plain statvfs, and the
+        # admin pages with it.
+        if self._store_probe is None:
+            self._store_probe = StoreProbe(self.store_path)
+        store = self._store_probe.check()
         return NodeSample(cpu, os.cpu_count() or 1, mem_used, mem_total,
-                          upper_free, upper_total, store_free, store_total)
+                          upper_free, upper_total, store.free, store.total,
+                          store.reachable, store.since)
 
     def _gpus(self) -> list[GpuSample]:
         readings = self.gpus.read()

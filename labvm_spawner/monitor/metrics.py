@@ -56,6 +56,8 @@ _NODE_GAUGES = (
     ("labvm_node_upper_disk_free_bytes", "Free space on the disk holding the uppers.",
      lambda h: h.upper_free),
     ("labvm_node_store_free_bytes", "Free space in the layer store.", lambda h: h.store_free),
+    ("labvm_node_store_reachable", "1 while the layer store answers this node, else 0.",
+     lambda h: 1 if h.store_reachable else 0),
 )
 
 

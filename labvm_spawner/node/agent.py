@@ -198,7 +198,7 @@ async def serve(ops: NodeOps, listen: str, url: str, token_hash: str, tls_dir: s
     host, _, port = listen.rpartition(":")
     address = url.split("//", 1)[-1].rsplit(":", 1)[0]
     cert, key = auth.ensure_cert(tls_dir, ops.config.name, address)
-    pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="labvm-node")
+    pool = ops.pool
     app = make_app(ops, token_hash, pool)
     server = app.listen(int(port), host or "0.0.0.0",
                         ssl_options=auth.server_context(cert, key))

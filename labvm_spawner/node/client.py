@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
@@ -19,6 +20,9 @@ from .protocol import Emit, StartRequest, StartResult, Status
 
 if TYPE_CHECKING:
     from .ops import NodeOps
+
+
+T = TypeVar("T")
 
 
 class NodeUnreachable(LabVMError):
@@ -44,33 +48,38 @@ class LocalNode:
         self.ops = ops
         self.name = ops.config.name
 
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        # The node's own pool: starts waiting for Jupyter never starve the hub's other
+        # threaded calls, nor each other.
+        return await asyncio.get_running_loop().run_in_executor(self.ops.pool, fn, *args)
+
     async def info(self) -> dict:
-        return await asyncio.to_thread(self.ops.info)
+        return await self._run(self.ops.info)
 
     async def start(self, req: StartRequest, emit: Emit | None = None) -> StartResult:
-        return StartResult.from_json(await asyncio.to_thread(self.ops.start, req, emit))
+        return StartResult.from_json(await self._run(self.ops.start, req, emit))
 
     async def status(self, key: str) -> Status:
-        return Status.from_json(await asyncio.to_thread(self.ops.status, key))
+        return Status.from_json(await self._run(self.ops.status, key))
 
     async def stop(self, key: str) -> dict:
-        return await asyncio.to_thread(self.ops.stop, key)
+        return await self._run(self.ops.stop, key)
 
     async def sync(self, key: str) -> dict:
-        return await asyncio.to_thread(self.ops.sync, key)
+        return await self._run(self.ops.sync, key)
 
     async def discard(self, key: str) -> dict:
-        return await asyncio.to_thread(self.ops.discard, key)
+        return await self._run(self.ops.discard, key)
 
     async def set_quota(self, key: str, disk_bytes: int | None) -> dict:
-        return await asyncio.to_thread(self.ops.set_quota, key, disk_bytes)
+        return await self._run(self.ops.set_quota, key, disk_bytes)
 
     async def set_ssh_keys(self, key: str, ssh_keys: list[str]) -> dict:
-        return await asyncio.to_thread(self.ops.set_ssh_keys, key, ssh_keys)
+        return await self._run(self.ops.set_ssh_keys, key, ssh_keys)
 
     async def aside(self, aside_id: str, action: str) -> dict:
         fn = self.ops.restore_aside if action == "restore" else self.ops.delete_aside
-        return await asyncio.to_thread(fn, aside_id)
+        return await self._run(fn, aside_id)
 
 
 class RemoteNode:

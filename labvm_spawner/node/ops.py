@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,11 +24,12 @@ import docker
 import docker.errors
 
 from .. import db
-from ..errors import LabVMError
+from ..errors import LabVMError, StoreUnreachable
 from ..images import USER_IMAGE
 from ..ssh.keys import check_lines
 from ..storage import open_store
 from ..storage.crash import crashpoint
+from ..storage.health import StoreProbe
 from . import asides, containerspec, housekeeping, netpolicy, nvml, overlay
 from .allocations import GpuAllocator
 from .network import ensure_network
@@ -41,6 +43,13 @@ from .uppers import Uppers
 from .userns import remap_base, require_userns
 
 log = logging.getLogger("labvm.node")
+
+
+# Threads for the node's blocking calls. A start holds one until Jupyter answers (up to
+# its start timeout), so this bounds how many users start at once, and asyncio's default
+# pool (CPUs + 4) would make the tenth of ten starts, and every status poll, wait.
+OP_THREADS = 64
+SYNC_BACKOFF_MAX_S = 300.0  # the longest wait after failed background syncs of a root
 
 
 class NodeOps:
@@ -75,6 +84,9 @@ class NodeOps:
         self._housekeeping_t = ((self.housekept or {}).get("t") or
                                 time.time() - every + min(60.0, every))
         self.upkeep = Upkeep()
+        self.pool = ThreadPoolExecutor(max_workers=OP_THREADS, thread_name_prefix="labvm-node")
+        self.store_probe = StoreProbe(self.store.root)
+        self._sync_backoff: dict[str, tuple[int, float]] = {}  # key -> (failures, retry at)
         ensure_network(self.client, config.network_name)
         self.policy = netpolicy.node_policy(self.client, config.network_name, config.hub_api,
                                             config.cluster_nets, config.allow_nets)
@@ -144,8 +156,11 @@ class NodeOps:
             cpus += (hc.get("NanoCpus") or 0) / 1e9
             mem += hc.get("Memory") or 0
             servers[c.labels["labvm.key"]] = {"running": True}
+        store = self.store_probe.state
         for key in servers:
-            servers[key]["last_synced"] = self.syncing.last_synced(key)
+            # The record is on the store: not asked while the store does not answer.
+            servers[key]["last_synced"] = self.syncing.last_synced(key) if store.reachable \
+                else None
         return {
             "name": self.config.name,
             "gpus": [dict(asdict(g), holder=holders.get(g.uuid)) for g in inventory],
@@ -156,6 +171,7 @@ class NodeOps:
             "servers": servers,
             "asides": self.asides(),
             "housekeeping": self.housekept or {},
+            "store": store.to_json(),
         }
 
     # ---- start ------------------------------------------------------------------
@@ -188,6 +204,16 @@ class NodeOps:
                              f"{len(inventory)}")
         return limits
 
+    def require_store(self) -> None:
+        """Refuse at once, rather than hang, while the layer store does not answer."""
+        store = self.store_probe.check()
+        if not store.reachable:
+            raise StoreUnreachable(
+                f"LabVM's layer store does not answer node {self.config.name} "
+                f"({store.error}), so no server can start there now. Running servers go "
+                "on working; try again in a few minutes."
+            )
+
     def image_allowed(self, image: str) -> bool:
         if image in self.config.allowed_images:
             return True
@@ -203,6 +229,7 @@ class NodeOps:
         key = req.key
         inventory = nvml.read_inventory()
         limits = self.check_start(req, inventory)
+        self.require_store()
         engine = require_userns(self.client)
         shift = remap_base(cfg.userns_remap_user)
         paths = self.paths(key)
@@ -348,8 +375,9 @@ class NodeOps:
             running = c.status in ("running", "created", "restarting")
             state = "running" if running else "exited"
             code = None if running else int(c.attrs.get("State", {}).get("ExitCode", 0) or 0)
+        reachable = self.store_probe.state.reachable  # the record is on the store
         return {"state": state, "exit_code": code,
-                "last_synced": self.syncing.last_synced(key),
+                "last_synced": self.syncing.last_synced(key) if reachable else None,
                 "synced_clean": self.uppers.is_clean(key)}
 
     def stop(self, key: str) -> dict:
@@ -361,19 +389,27 @@ class NodeOps:
         with self.key_lock(key):
             self._remove_container(key)
             synced = False
+            # While the store does not answer, a stop must not hang on it: the upper
+            # (marked dirty) keeps every change for the next start or sync here.
+            reachable = self.store_probe.check().reachable
+            if not reachable:
+                log.warning("%s: the layer store does not answer; stopped without the final "
+                            "sync, the upper here keeps every change", key)
             try:
-                synced = self.syncing.sync(key, final=True)
+                synced = reachable and self.syncing.sync(key, final=True)
             except Exception:
                 log.exception("%s: the final sync failed; the upper stays here", key)
             crashpoint("node.stop.synced")
             paths = self.paths(key)
             overlay.unmount_root(paths)
-            self._release(key)
+            if reachable:
+                self._release(key)  # else the lease runs out by itself (lease_grace)
             self.secrets.remove(key)
             released = self.allocator.release(key)
             if released:
                 log.info("released GPU(s) %s of %s", ", ".join(released), key)
-            return {"synced": synced, "last_synced": self.syncing.last_synced(key)}
+            return {"synced": synced,
+                    "last_synced": self.syncing.last_synced(key) if reachable else None}
 
     def set_ssh_keys(self, key: str, ssh_keys: list[str]) -> dict:
         """Give a running server its user's current SSH keys (the sshd reads them)."""
@@ -437,6 +473,18 @@ class NodeOps:
                 netpolicy.install(self.policy, owner=self.config.name)
         except LabVMError:
             log.exception("cannot check the container network policy")
+        was = self.store_probe.state
+        store = self.store_probe.check()
+        if not store.reachable:
+            # Every call on a MooseFS mount blocks while its master is down: no sync may
+            # start then (it would hold the user's lock). The uppers keep every change.
+            if was.reachable:
+                log.warning("the layer store does not answer (%s); syncs wait for it",
+                            store.error)
+            return
+        if not was.reachable:
+            log.warning("the layer store answers again after %.0f s; syncs resume",
+                        time.time() - was.since)
         self.renew_leases()
         if time.time() - self._housekeeping_t >= self.config.housekeeping_interval_h * 3600:
             self._housekeeping_t = time.time()
@@ -445,7 +493,11 @@ class NodeOps:
             asides.expire(self.state, self.config.aside_max_age_days)
         except OSError:
             log.exception("cannot remove old set-aside uppers")
+        now = time.time()
         for key in sorted(self.live_keys()):
+            failures, retry_at = self._sync_backoff.get(key, (0, 0.0))
+            if now < retry_at:
+                continue
             lock = self.key_lock(key)
             if not lock.acquire(blocking=False):
                 continue  # a start, stop or explicit sync is busy with it
@@ -463,8 +515,15 @@ class NodeOps:
                     self.allocator.release(key)
                     continue
                 self.syncing.sync(key, final=False)
+                self._sync_backoff.pop(key, None)
             except Exception:
-                log.exception("%s: background sync failed", key)
+                # Back off (one interval, then two, four...) so that a root whose sync
+                # keeps failing does not take every round from the others.
+                failures += 1
+                wait = min(self.config.sync_interval_s * 2 ** (failures - 1), SYNC_BACKOFF_MAX_S)
+                self._sync_backoff[key] = (failures, time.time() + wait)
+                log.exception("%s: background sync failed (%d in a row); next try in %.0f s",
+                              key, failures, wait)
             finally:
                 lock.release()
 
@@ -571,6 +630,7 @@ class NodeOps:
         self.upkeep.run(f"merge-{key}", merge)
 
     def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
         self.syncing.close()
         self.allocator.close()
         self.client.close()

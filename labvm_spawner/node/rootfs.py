@@ -17,6 +17,7 @@ import os
 import stat
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -27,6 +28,9 @@ from ..errors import LabVMError
 from ..images import image_id
 from ..storage import fsops, safepath
 from ..storage.safepath import Parts, remove_tree
+
+_UNPACK_LOCKS: dict[str, threading.Lock] = {}
+_UNPACK_LOCKS_GUARD = threading.Lock()
 
 _XATTR = "SCHILY.xattr."
 _TYPES = {tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK,
@@ -214,6 +218,23 @@ def prepare_rootfs(client: docker.DockerClient, image: str, cache_dir: Path,
     final = cache_dir / f"{image_id(client, image)[:24]}-{shift}"
     if final.is_dir():
         return final
+    # Ten users' first starts after an image update unpack it once; the others wait for
+    # that copy instead of each writing their own (another process may still race us:
+    # the rename below settles that).
+    with _unpacking(final):
+        if final.is_dir():
+            return final
+        _unpack(client, image, cache_dir, final, shift)
+    return final
+
+
+def _unpacking(final: Path) -> threading.Lock:
+    with _UNPACK_LOCKS_GUARD:
+        return _UNPACK_LOCKS.setdefault(str(final), threading.Lock())
+
+
+def _unpack(client: docker.DockerClient, image: str, cache_dir: Path, final: Path,
+            shift: int) -> None:
     cache_dir.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=cache_dir))
     container = client.containers.create(image, command=["/bin/true"])
@@ -231,7 +252,6 @@ def prepare_rootfs(client: docker.DockerClient, image: str, cache_dir: Path,
         raise
     finally:
         container.remove(force=True)
-    return final
 
 
 def layers_in_use() -> set[str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 from support.components import TEST_ROOT
+from support.hubharness import HubError
 from support.jupyter_exec import run
 
 pytestmark = pytest.mark.e2e
@@ -885,3 +886,80 @@ def test_idle_reclaim_stops_an_idle_server_on_a_node_after_the_warning(testbed, 
     finally:
         other.stop()
         hub.start()
+
+
+OUTAGE_S = float(os.environ.get("LABVM_OUTAGE_S", "30"))
+MOOSEFS_SH = Path(__file__).resolve().parents[2] / "scripts" / "moosefs.sh"
+# Every file in the user's home, with its checksum: what "nothing lost" is checked against.
+MANIFEST = "cd ~ && find . -path ./.cache -prune -o -path ./.local -prune -o -path " \
+    "./.ipython -prune -o -path ./.jupyter -prune -o -type f -print0 | sort -z | " \
+    "xargs -0 sha256sum"
+
+
+def _moosefs(cmd: str) -> None:
+    r = subprocess.run([str(MOOSEFS_SH), cmd], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def _store_shown(hub, reachable: bool, timeout: float = 60) -> dict:
+    """The admin state once every node's sample shows the store (un)reachable."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        nodes = [n for n in _state(hub)["nodes"] if n["name"] in ("a", "b")]
+        if len(nodes) == 2 and all(n["host"]["store_reachable"] is reachable for n in nodes):
+            return nodes
+        time.sleep(1)
+    raise AssertionError(f"the admin state never showed the store reachable={reachable}: "
+                         f"{nodes}\n{hub.log_tail(40)}")
+
+
+def test_a_moosefs_outage_blocks_no_one_and_loses_nothing(testbed, hub):
+    hub.create_user("olga")
+    hub.spawn("olga", timeout=300)
+    home = node_of(testbed, "olga")
+    other = "b" if home == "a" else "a"
+    rc, out = run(hub, "olga", "mkdir -p ~/work && seq 1 20000 > ~/work/before.txt && "
+                  "head -c 3000000 /dev/urandom > ~/work/blob.bin && echo ok")
+    assert rc == 0 and "ok" in out, out
+    wait_synced(testbed, "olga", time.time())
+
+    _moosefs("master-stop")
+    try:
+        down_at = time.time()
+        # The running server goes on: it reads and writes what is on its node.
+        rc, out = run(hub, "olga", "wc -l < ~/work/before.txt && seq 1 5000 > "
+                      "~/work/during.txt && mv ~/work/blob.bin ~/work/blob.moved && echo ok",
+                      timeout=120)
+        assert rc == 0 and out.split()[0] == "20000" and "ok" in out, out
+        # The admin pages say the store does not answer.
+        nodes = _store_shown(hub, False)
+        assert all(n["host"]["store_since"] >= down_at - 5 for n in nodes), nodes
+        # A start now is refused at once, with our sentence.
+        hub.create_user("pavel")
+        t0 = time.monotonic()
+        with pytest.raises(HubError, match="layer store does not answer"):
+            hub.spawn("pavel", timeout=120)
+        assert time.monotonic() - t0 < 60
+        time.sleep(max(0.0, down_at + OUTAGE_S - time.time()))
+    finally:
+        _moosefs("master-start")
+    up_at = time.time()
+    rc, before_move = run(hub, "olga", MANIFEST)
+    assert rc == 0 and "during.txt" in before_move and "blob.moved" in before_move, before_move
+
+    # Sync catches up by itself, and the pages show the store again.
+    wait_synced(testbed, "olga", up_at, timeout=180)
+    print(f"sync caught up {time.time() - up_at:.1f} s after a {up_at - down_at:.0f} s "
+          "MooseFS master outage")
+    _store_shown(hub, True)
+    # Nothing was lost: on another node, from the store alone, every file is there.
+    m = migrate(hub, "olga", other)
+    assert m["state"] == "done", m
+    rc, after_move = run(hub, "olga", MANIFEST)
+    assert rc == 0, after_move
+    lost = set(before_move.splitlines()) - set(after_move.splitlines())
+    print(f"files lost across the outage: {len(lost)}")
+    assert lost == set() and after_move == before_move
+    hub.unspawn("olga")
+    hub.spawn("pavel", timeout=300)  # and starts work again
+    hub.unspawn("pavel")

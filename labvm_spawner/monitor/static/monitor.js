@@ -76,7 +76,9 @@
         <td class="num">${bar(h.cpu_percent || 0)} of ${h.cpu_count} CPUs</td>
         <td class="num">${gib(h.mem_used)} / ${gib(h.mem_total)}</td>
         <td class="num">${gib(h.upper_free)} free / ${gib(h.upper_total)}</td>
-        <td class="num">${gib(h.store_free)} free / ${gib(h.store_total)}</td>
+        <td class="num">${h.store_reachable === false
+          ? `<span class="down">unreachable</span> since ${when(h.store_since * 1000)}`
+          : `${gib(h.store_free)} free / ${gib(h.store_total)}`}</td>
         <td class="num">${n.gpus_held} / ${n.gpus}</td><td class="num">${n.containers}</td>
         <td><button data-drain="${esc(n.name)}" data-to="${!n.drained}">${n.drained ? "Undrain" : "Drain"}</button></td></tr>`;
     });

@@ -1,0 +1,83 @@
+"""N users start servers at once: LabVMSpawner against DockerSpawner, same run, alternating.
+
+Two real hubs (``bench/_hubs.py``) on one machine, dockerd and image. Each round
+makes N fresh users on one hub and POSTs all N starts at once through the REST
+API, then stops them all; then the same on the other hub. The order alternates
+every round. A user's time is from its POST to the hub reporting its server ready;
+a start that fails counts as a failure, with the hub's message.
+
+    .venv/bin/python bench/load.py     # BENCH_LOAD_USERS=10, BENCH_ROUNDS=2
+
+Last line: load_ratio=<LabVM p95 / DockerSpawner p95>.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from _hubs import KINDS, two_hubs
+from support.hubharness import Hub, HubError
+
+USERS = int(os.environ.get("BENCH_LOAD_USERS", "10"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "2"))
+ROOT = Path(os.environ.get("LABVM_TEST_ROOT", "/var/lib/labvm-test"))
+
+
+def p95(values: list[float]) -> float:
+    """Nearest-rank 95th percentile."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+def timed_spawn(hub: Hub, user: str) -> float | str:
+    t0 = time.perf_counter()
+    try:
+        hub.spawn(user, timeout=300)
+    except HubError as e:
+        return str(e).splitlines()[0][:300]
+    return time.perf_counter() - t0
+
+
+def one_round(hub: Hub, users: list[str]) -> list[float | str]:
+    for u in users:
+        hub.create_user(u)
+    with ThreadPoolExecutor(max_workers=len(users)) as pool:
+        results = list(pool.map(lambda u: timed_spawn(hub, u), users))
+        list(pool.map(lambda u: hub.unspawn(u, timeout=180), users))
+    return results
+
+
+def main() -> int:
+    times: dict[str, list[float]] = {k: [] for k in KINDS}
+    failures: dict[str, list[str]] = {k: [] for k in KINDS}
+    with two_hubs(ROOT, "load") as hubs:
+        for hub in hubs.values():
+            hub.poll_interval = 0.25  # N pollers at once: keep the hubs' own load modest
+        for r in range(ROUNDS):
+            order = KINDS if r % 2 == 0 else tuple(reversed(KINDS))
+            for kind in order:
+                users = [f"r{r}u{i}" for i in range(USERS)]
+                for res in one_round(hubs[kind], users):
+                    (times[kind] if isinstance(res, float) else failures[kind]).append(res)
+                done = times[kind][-USERS:]
+                print(f"round {r + 1}/{ROUNDS} {kind}: {len(done)} ready, "
+                      f"slowest {max(done, default=0):.2f}s", flush=True)
+    for kind in KINDS:
+        v = times[kind] or [math.inf]
+        print(f"{kind:7s} n={len(times[kind])}  median {statistics.median(v):.2f}s  "
+              f"p95 {p95(v):.2f}s  failures {len(failures[kind])}")
+        for msg in failures[kind][:5]:
+            print(f"    failed: {msg}")
+    ours, theirs = (p95(times[k] or [math.inf]) for k in KINDS)
+    print(f"load_ratio={ours / theirs:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
