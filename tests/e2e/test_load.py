@@ -10,6 +10,7 @@ import json
 import os
 import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -99,3 +100,69 @@ def test_ten_users_start_at_once(hub, docker_client):
     assert mounts_under(state_dir(hub) / "mnt") == []
     hub.spawn(users[-1], {"gpus": GPUS}, timeout=300)
     assert len(visible_gpus(container_of(docker_client, users[-1]))) == GPUS
+
+
+def _wait_for_step(hub, user: str, step: str) -> None:
+    with hub.api("GET", f"/users/{user}/server/progress", stream=True) as stream:
+        for line in stream.iter_lines(decode_unicode=True):
+            if step in line:
+                return
+            if '"failed": true' in line or '"ready": true' in line:
+                raise AssertionError(f"{user}: start ended before {step!r}: {line}")
+    raise AssertionError(f"{user}: no {step!r} in the progress stream")
+
+
+def test_hub_killed_with_servers_running_and_starting(hub, docker_client):
+    """kill -9 of the hub while N-2 servers run and two start: after it comes back, the
+    running ones are the same servers with their files, and the two starting ones either
+    run or left nothing; either way they start again, with GPUs nobody else holds."""
+    hub.poll_interval = 0.25
+    running = [f"run{i}" for i in range(max(USERS - 2, 1))]
+    starting = ["late0", "late1"]
+    for u in running + starting:
+        hub.create_user(u)
+    with ThreadPoolExecutor(max_workers=len(running)) as pool:
+        list(pool.map(lambda u: hub.spawn(u, timeout=300), running))
+    before = {}
+    for u in running:
+        text = f"{u} wrote this before the hub died\n"
+        r = hub.server_put(u, "api/contents/notes.txt",
+                           {"type": "file", "format": "text", "content": text})
+        assert r.status_code in (200, 201), r.text
+        before[u] = (container_of(docker_client, u).id, text)
+    for u in starting:
+        r = hub.api("POST", f"/users/{u}/server", json={"gpus": 1})
+        assert r.status_code in (201, 202), r.text
+    for u in starting:
+        _wait_for_step(hub, u, "Mounting root filesystem")
+    hub.stop(kill=True)
+    hub.start()
+
+    for u, (cid, text) in before.items():
+        model = hub.api("GET", f"/users/{u}").json()
+        assert model["servers"][""]["ready"], model
+        assert container_of(docker_client, u).id == cid
+        r = hub.server_get(u, "api/contents/notes.txt")
+        assert r.ok and r.json()["content"] == text, r.text
+    # The cut-short starts settle: a server that runs, or nothing at all.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        settled = []
+        for u in starting:
+            srv = hub.api("GET", f"/users/{u}").json()["servers"].get("")
+            c = container_of(docker_client, u)
+            mounted = mounts_under(state_dir(hub) / "mnt" / u)
+            settled.append((srv and srv.get("ready") and c is not None) or
+                           (not srv and c is None and not mounted))
+        if all(settled):
+            break
+        time.sleep(0.5)
+    assert all(settled), settled
+    for u in starting:
+        if not hub.api("GET", f"/users/{u}").json()["servers"]:
+            hub.spawn(u, {"gpus": 1}, timeout=300)
+    gpus = [visible_gpus(container_of(docker_client, u)) for u in starting]
+    assert all(len(g) == 1 for g in gpus) and gpus[0] != gpus[1], gpus
+    with ThreadPoolExecutor(max_workers=USERS) as pool:
+        list(pool.map(lambda u: hub.unspawn(u, timeout=180), running + starting))
+    assert mounts_under(state_dir(hub) / "mnt") == []

@@ -9,10 +9,17 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
 
 def container_of(client, user: str, server: str = ""):
+    import docker.errors
+
     key = f"{user}.{server}" if server else user
-    found = client.containers.list(all=True, filters={"label": f"labvm.key={key}"})
-    assert len(found) <= 1, found
-    return found[0] if found else None
+    for _ in range(5):
+        try:
+            found = client.containers.list(all=True, filters={"label": f"labvm.key={key}"})
+        except docker.errors.NotFound:
+            continue  # removed between the listing and its inspection: look again
+        assert len(found) <= 1, found
+        return found[0] if found else None
+    raise AssertionError(f"the container of {key} kept vanishing while listed")
 
 
 def sh(container, script: str, root: bool = False) -> tuple[int, str]:
