@@ -24,3 +24,10 @@ if os.environ["BENCH_SPAWNER"] == "docker":
     c.DockerSpawner.cmd = ["jupyterhub-singleuser", "--allow-root"]
     c.DockerSpawner.prefix = f"bench-{os.environ['LABVM_TEST_NODE']}"
     c.DockerSpawner.extra_create_kwargs = {"labels": {"labvm.node": os.environ["LABVM_TEST_NODE"]}}
+
+# Ten Jupyter servers starting at once on a small machine take longer than the test hubs'
+# 30 s: the benchmarks measure how long, not whether a timeout cut them short.
+c.Spawner.http_timeout = 180
+c.Spawner.start_timeout = 300
+# LabVM nodes start this many servers at once (0: the default, one per CPU).
+c.LabVMSpawner.concurrent_starts = int(os.environ.get("BENCH_CONCURRENT_STARTS", "0"))

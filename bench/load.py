@@ -8,6 +8,8 @@ a start that fails counts as a failure, with the hub's message.
 
     .venv/bin/python bench/load.py     # BENCH_LOAD_USERS=10, BENCH_ROUNDS=2
 
+BENCH_CONCURRENT_STARTS sets LabVM's concurrent_starts (0: its default, one per CPU).
+
 Last line: load_ratio=<LabVM p95 / DockerSpawner p95>.
 """
 

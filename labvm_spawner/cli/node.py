@@ -199,6 +199,7 @@ class NodeAgent(NodeSettings, Application):
         "lease-grace": "NodeAgent.lease_grace",
         "aside-max-age-days": "NodeAgent.aside_max_age_days",
         "housekeeping-interval": "NodeAgent.housekeeping_interval",
+        "concurrent-starts": "NodeAgent.concurrent_starts",
         "cluster-net": "NodeAgent.cluster_networks",
         "allow-net": "NodeAgent.container_allow_networks",
         "allow-image": "NodeAgent.allowed_images", "publish-ip": "NodeAgent.publish_ip",

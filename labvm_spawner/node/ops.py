@@ -8,6 +8,7 @@ and take and return plain JSON-able values.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -45,9 +46,9 @@ from .userns import remap_base, require_userns
 log = logging.getLogger("labvm.node")
 
 
-# Threads for the node's blocking calls. A start holds one until Jupyter answers (up to
-# its start timeout), so this bounds how many users start at once, and asyncio's default
-# pool (CPUs + 4) would make the tenth of ten starts, and every status poll, wait.
+# Threads for the node's blocking calls. A start holds one until Jupyter answers, or while
+# it waits for a start slot (concurrent_starts); on asyncio's default pool (CPUs + 4) the
+# waiting starts would make every status poll and sync wait too.
 OP_THREADS = 64
 SYNC_BACKOFF_MAX_S = 300.0  # the longest wait after failed background syncs of a root
 
@@ -70,7 +71,7 @@ class NodeOps:
             d.chmod(0o700)
         url = config.db_url or db.default_url(self.state)
         self.allocator = GpuAllocator(url, node=config.name, sharing=config.gpu_sharing)
-        self._lock = threading.Lock()  # guards _key_locks only
+        self._lock = threading.Lock()  # guards _key_locks and _start_queue only
         self._key_locks: dict[str, threading.Lock] = {}
         self.uppers = Uppers(self.state, self.store, config.name)
         self.syncing = Syncing(self.store, self.uppers)
@@ -86,6 +87,9 @@ class NodeOps:
         self.upkeep = Upkeep()
         self.pool = ThreadPoolExecutor(max_workers=OP_THREADS, thread_name_prefix="labvm-node")
         self.store_probe = StoreProbe(self.store.root)
+        slots = config.concurrent_starts or os.cpu_count() or 1
+        self._start_slots = threading.BoundedSemaphore(slots)
+        self._start_queue = 0  # starts waiting for a slot (under _lock)
         self._sync_backoff: dict[str, tuple[int, float]] = {}  # key -> (failures, retry at)
         ensure_network(self.client, config.network_name)
         self.policy = netpolicy.node_policy(self.client, config.network_name, config.hub_api,
@@ -179,8 +183,28 @@ class NodeOps:
     def start(self, req: StartRequest, emit: Emit | None = None) -> dict:
         """Start the server of ``req.key``; on any failure nothing it made is left."""
         emit = emit or (lambda p, m: log.info("%s: %s", req.key, m))
-        with self.key_lock(req.key):
+        with self.key_lock(req.key), self._start_slot(emit):
             return self._start(req, emit)
+
+    @contextlib.contextmanager
+    def _start_slot(self, emit: Emit) -> Iterator[None]:
+        """One of ``concurrent_starts`` slots: Jupyter's start is CPU-bound, so ten at once
+        on a small node finish later than the same ten a few at a time."""
+        if not self._start_slots.acquire(blocking=False):
+            with self._lock:
+                self._start_queue += 1
+                ahead = self._start_queue
+            emit(5, f"Waiting for other starts on node {self.config.name} to finish "
+                    f"({ahead} waiting)")
+            try:
+                self._start_slots.acquire()
+            finally:
+                with self._lock:
+                    self._start_queue -= 1
+        try:
+            yield
+        finally:
+            self._start_slots.release()
 
     def check_start(self, req: StartRequest, inventory: list) -> Limits:
         """Refuse, before anything is made, a request this node must not run: a bad field,

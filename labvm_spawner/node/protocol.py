@@ -87,6 +87,7 @@ class NodeConfig:
     aside_max_age_days: float = 30.0  # unclaimed set-aside uppers are removed after this
     housekeeping_interval_h: float = 6.0  # image prune, fsck, version prune: how often
     housekeeping_repair: bool = False  # let the scheduled fsck repair what it finds
+    concurrent_starts: int = 0  # servers started at once; 0: one per CPU
     # Images this node runs besides those `labvm image build` made (labvm/user:*).
     allowed_images: list[str] = field(default_factory=list)
     # Container network policy (node/netpolicy.py): the hub's API (HOST:PORT) is the only

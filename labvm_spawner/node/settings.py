@@ -147,6 +147,13 @@ class NodeSettings(HasTraits):
         False, help="Let the scheduled fsck repair what it finds (off: it only reports).",
     ).tag(config=True)
 
+    concurrent_starts = Int(
+        0,
+        help="How many servers this node starts at once; the others wait their turn (their "
+        "spawn page says so). Starting Jupyter is CPU-bound, so more at once only makes each "
+        "slower. 0 means one per CPU.",
+    ).tag(config=True)
+
     @validate("sync_interval")
     def _valid_sync_interval(self, proposal):  # type: ignore[no-untyped-def]
         if proposal["value"] <= 0:
@@ -193,6 +200,7 @@ class NodeSettings(HasTraits):
             aside_max_age_days=self.aside_max_age_days,
             housekeeping_interval_h=self.housekeeping_interval,
             housekeeping_repair=self.housekeeping_repair,
+            concurrent_starts=self.concurrent_starts,
             allowed_images=list(self.allowed_images),
             hub_api=list(hub_api), cluster_nets=list(self.cluster_networks),
             allow_nets=list(self.container_allow_networks),
