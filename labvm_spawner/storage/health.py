@@ -4,8 +4,8 @@ When MooseFS's master is down, every call on its mount blocks until the master i
 back (mfsmount retries), and so would whatever thread made it: a sync holding a
 user's lock, a start, a heartbeat. ``StoreProbe`` asks the store (``statvfs``, which
 no cache answers) from its own thread and waits at most ``timeout_s``. While one
-probe hangs, no second one starts: the store counts as unreachable since that
-probe began.
+probe hangs, no second one starts and nobody waits again: the store counts as
+unreachable since that probe began.
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ class StoreProbe:
                 self._inflight = (t, time.time(), result)
                 t.start()
             thread, began, result = self._inflight
-        thread.join(self.timeout_s)
+        # Only what is left of the hanging probe's own timeout: while the store is down,
+        # every caller learns it at once.
+        thread.join(max(0.0, self.timeout_s - (time.time() - began)))
         if thread.is_alive():
             waited = time.time() - began
             return self._set(False, began, f"no answer in {waited:.0f} s")
