@@ -51,7 +51,7 @@ c.Spawner.default_url = "/lab"
 c.Spawner.start_timeout = 180
 c.Spawner.http_timeout = 120
 
-# ---- BEGIN labvm monitor (issue 6) ----
+# ---- the monitor service ----
 # One hub-managed service: admin pages (nodes, GPUs, users, actions), each user's own
 # usage page, and /metrics. It appears in the hub's Services menu. /metrics is read by a
 # logged-in admin or with "Authorization: Bearer $LABVM_METRICS_TOKEN"; never anonymously.
@@ -65,9 +65,8 @@ _monitor, _monitor_roles = hub_service(port=8089, args=[
 _monitor["environment"] = {"LABVM_METRICS_TOKEN": os.environ.get("LABVM_METRICS_TOKEN", "")}
 c.JupyterHub.services.append(_monitor)
 c.JupyterHub.load_roles.extend(_monitor_roles)
-# ---- END labvm monitor ----
 
-# ---- BEGIN labvm ssh (issue 15) ----
+# ---- the SSH gateway ----
 # The SSH gateway on port 2222: users reach the sshd in their own containers with the keys
 # they add on their LabVM page (README, "SSH"), never with passwords. Set
 # --SSHService.public_host to the name users reach this machine by.
@@ -80,7 +79,7 @@ _ssh, _ssh_roles = ssh_service(args=[
 ])
 c.JupyterHub.services.append(_ssh)
 c.JupyterHub.load_roles.extend(_ssh_roles)
-# ---- END labvm ssh ----
+
 
 # Last: never serve log-ins in clear on a non-loopback address (README, "HTTPS").
 from labvm_spawner.hubconfig import require_tls  # noqa: E402

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -98,6 +99,20 @@ class JoinToken(_Base):
     expires: Mapped[float] = mapped_column(Float)
     made_by: Mapped[str] = mapped_column(String(64), default="")
     used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Restart(_Base):
+    """A server a node going down stopped, to start again (``restart_interrupted``)."""
+
+    __tablename__ = "labvm_restarts"
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    user: Mapped[str] = mapped_column(String(255))
+    server: Mapped[str] = mapped_column(String(255), default="")
+    node: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(String(300))
+    t: Mapped[float] = mapped_column(Float)
+    options: Mapped[str] = mapped_column(Text, default="{}")  # its user_options, as JSON
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
 
 
 JOIN_TOKEN_TTL_S = 3600
@@ -385,6 +400,34 @@ class Cluster:
                 s.add(NodeFlag(node=node, drained=drained, changed_by=by))
             else:
                 row.drained, row.changed_by = drained, by
+
+    # ---- restarts after a node went down --------------------------------------------
+
+    def request_restart(self, key: str, user: str, server: str, node: str, reason: str,
+                        options: dict) -> None:
+        """Ask for ``key``'s server to be started again; a second ask keeps the first."""
+        with Session(self.engine) as s, s.begin():
+            if s.get(Restart, key) is None:
+                s.add(Restart(key=key, user=user, server=server, node=node, reason=reason,
+                              t=time.time(), options=json.dumps(options)))
+
+    def restarts(self) -> list[dict]:
+        with Session(self.engine) as s:
+            return [{"key": r.key, "user": r.user, "server": r.server, "node": r.node,
+                     "reason": r.reason, "t": r.t, "options": json.loads(r.options or "{}"),
+                     "attempts": r.attempts}
+                    for r in s.scalars(select(Restart).order_by(Restart.t))]
+
+    def restart_attempted(self, key: str) -> None:
+        with Session(self.engine) as s, s.begin():
+            row = s.get(Restart, key)
+            if row is not None:
+                row.attempts += 1
+
+    def drop_restart(self, key: str) -> None:
+        """The server started (or will not be restarted): forget the ask."""
+        with Session(self.engine) as s, s.begin():
+            s.execute(delete(Restart).where(Restart.key == key))
 
     # ---- migrations ----------------------------------------------------------------
 

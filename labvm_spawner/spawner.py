@@ -83,6 +83,14 @@ class LabVMSpawner(NodeSettings, Spawner):
         "each node's token is derived from it, and `labvm-node join` gets its hash.",
     ).tag(config=True)
 
+    restart_interrupted = Bool(
+        False,
+        help="Start again, by themselves, the servers that were running when their node went "
+        "down (a reboot, a crash of its engine or agent). The monitor service starts each "
+        "once its node is back, with the user's last options; off: they stay stopped until "
+        "their users start them.",
+    ).tag(config=True)
+
     @default("options_form")
     def _options_form_default(self):
         return self._render_options_form
@@ -323,6 +331,7 @@ class LabVMSpawner(NodeSettings, Spawner):
         except NodeUnreachable as e:
             raise NodeUnreachable(f"Node {node_name} did not answer; try again soon. ({e})") from e
         self.container_id = result.container_id
+        await asyncio.to_thread(cluster.drop_restart, key)
         if stopped_at is not None:
             self._emit(95, f"Moved to node {node_name}: your server was down "
                        f"{time.time() - stopped_at:.1f} s")
@@ -356,9 +365,14 @@ class LabVMSpawner(NodeSettings, Spawner):
                 return None  # a blip: the node heartbeats, so its servers are presumed fine
             self.log.warning("%s: node %s is down; its server counts as stopped",
                              self._log_name, node_name)
+            await self._ask_restart(node_name, f"node {node_name} went down")
             return 1
         if st.state == "running":
             return None
+        if st.interrupted is not None:
+            self.log.warning("%s: node %s restarted while the server ran", self._log_name,
+                             node_name)
+            await self._ask_restart(node_name, f"node {node_name} restarted")
         # The hub calls stop() only for servers that poll as running, so a server that
         # died on its own is cleaned up here: no container, mount or GPU left held. That
         # includes a start cut short by a hub crash, before its state was saved.
@@ -366,10 +380,19 @@ class LabVMSpawner(NodeSettings, Spawner):
         self.container_id = ""
         return st.exit_code or 0
 
+    async def _ask_restart(self, node_name: str, reason: str) -> None:
+        if self.restart_interrupted:
+            await asyncio.to_thread(self.cluster.request_restart, self.key, self.user.name,
+                                    self.name or "", node_name, reason,
+                                    dict(self.user_options or {}))
+
     async def stop(self, now=False):
         node_name = self.node or (self.node_name if self.local_node else "")
         if not node_name:
             return
+        # The hub calls stop() only for a server it polled as running: someone stops it on
+        # purpose (its user, an admin, a migration), so no earlier ask to restart it holds.
+        await asyncio.to_thread(self.cluster.drop_restart, self.key)
         try:
             result = await self.cluster.client(node_name).stop(self.key)
         except (NodeUnreachable, LabVMError) as e:

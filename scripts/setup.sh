@@ -68,13 +68,15 @@ fi
 
 # --- dockerd, with user namespaces ------------------------------------------
 # Container root must never be host root: every container runs in dockerd's
-# userns-remap range (the 'dockremap' subordinate ids).
+# userns-remap range (the 'dockremap' subordinate ids). live-restore: servers keep
+# running while dockerd restarts (unattended-upgrades does).
 if ! docker info >/dev/null 2>&1; then
   say "starting dockerd (userns-remap)"
   mkdir -p /etc/labvm
   cat > /etc/labvm/dockerd.json <<'JSON'
 {
   "userns-remap": "default",
+  "live-restore": true,
   "storage-driver": "overlay2",
   "log-driver": "json-file",
   "log-opts": {"max-size": "10m", "max-file": "2"}

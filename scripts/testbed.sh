@@ -55,7 +55,7 @@ up_node() {
     setsid nohup nsenter --net=/var/run/netns/"$ns" dockerd \
       --data-root "$STATE/$n/docker" --exec-root "$RUN/$n/exec" \
       --pidfile "$RUN/$n/dockerd.pid" -H "unix://$sock" \
-      --userns-remap default --storage-driver overlay2 \
+      --userns-remap default --live-restore --storage-driver overlay2 \
       >"$STATE/$n/dockerd.log" 2>&1 </dev/null &
     for _ in $(seq 1 60); do
       DOCKER_HOST=unix://$sock docker info >/dev/null 2>&1 && break

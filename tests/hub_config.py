@@ -69,6 +69,10 @@ c.Spawner.pre_spawn_hook = _break_one_user
 # POST .../server answers at once (202), so tests can watch the progress events.
 c.JupyterHub.tornado_settings = {"slow_spawn_timeout": 0}
 
+if os.environ.get("LABVM_TEST_RESTART_INTERRUPTED") == "1":
+    c.LabVMSpawner.restart_interrupted = True
+    c.Spawner.poll_interval = 5  # find a node's going down soon
+
 # ---- multi-node test bed (tests/support/testbed.py): no node in the hub, nodes a and b ----
 if os.environ.get("LABVM_TEST_TESTBED") == "1":
     c.LabVMSpawner.local_node = False
@@ -82,7 +86,7 @@ if os.environ.get("LABVM_TEST_TESTBED") == "1":
                              f"{os.environ['LABVM_TEST_PORT']}")
     c.Spawner.http_timeout = 60
 
-# ---- BEGIN labvm monitor (issue 6): only for hubs started with LABVM_TEST_MONITOR=1 ----
+# ---- the monitor service: only for hubs started with LABVM_TEST_MONITOR=1 ----
 if os.environ.get("LABVM_TEST_MONITOR") == "1":
     from labvm_spawner.monitor.service import hub_service
 
@@ -124,7 +128,6 @@ main(sys.argv[1:])
     c.LabVMSpawner.housekeeping_interval = 0.01  # a round every 36 s: the pages show one
     c.JupyterHub.services = c.JupyterHub.services + [_service]
     c.JupyterHub.load_roles = c.JupyterHub.load_roles + _roles
-# ---- END labvm monitor ----
 
 # ---- the SSH gateway: only for hubs started with LABVM_TEST_SSH=1 ----
 if os.environ.get("LABVM_TEST_SSH") == "1":

@@ -16,6 +16,13 @@ def test_dockerd_must_remap_users() -> None:
     assert not down.ok and "connection refused" in down.detail
 
 
+def test_servers_outlive_a_dockerd_restart_only_with_live_restore() -> None:
+    assert doctor.docker_live_restore({"LiveRestoreEnabled": True}).ok
+    off = doctor.docker_live_restore({"LiveRestoreEnabled": False})
+    assert not off.ok and '"live-restore": true' in off.fix and "stops" in off.detail
+    assert not doctor.docker_live_restore(None).ok
+
+
 def test_gpus_need_the_nvidia_runtime() -> None:
     assert doctor.gpu_runtime(0, set()).ok
     assert doctor.gpu_runtime(8, {"runc", "nvidia"}).ok

@@ -33,6 +33,7 @@ class StubNode:
         self.calls: list[tuple] = []
         self.state = "running"
         self.exit_code: int | None = None
+        self.interrupted: float | None = None
         self.fail: Exception | None = None
         self.live_gpus: list[dict] | None = None  # what info() says now, if not the heartbeat
 
@@ -52,7 +53,7 @@ class StubNode:
         self.calls.append(("status", key))
         if self.fail:
             raise self.fail
-        return Status(self.state, self.exit_code)
+        return Status(self.state, self.exit_code, interrupted=self.interrupted)
 
     async def stop(self, key: str) -> dict:
         self.calls.append(("stop", key))
@@ -178,6 +179,50 @@ async def test_poll_of_a_down_node_counts_the_server_stopped(world) -> None:
     assert await s.poll() is None  # a blip: the node still heartbeats
     world["up"]["n1"] = False
     assert await s.poll() == 1
+
+
+async def test_a_server_its_node_restart_stopped_is_asked_back_only_with_the_setting(
+        world) -> None:
+    s = world["make"](options={"gpus": 1})
+    await s.start()
+    node = world["node"]
+    node.state, node.exit_code = "exited", 0  # its user shut it down: never restarted
+    assert await s.poll() == 0
+    s.restart_interrupted = True
+    assert await s.poll() == 0
+    assert world["cluster"].restarts() == []
+    node.state, node.interrupted = "missing", 1000.0
+    s.restart_interrupted = False
+    assert await s.poll() == 0
+    assert world["cluster"].restarts() == []
+    s.restart_interrupted = True
+    assert await s.poll() == 0
+    [ask] = world["cluster"].restarts()
+    assert {k: ask[k] for k in ("key", "user", "server", "node", "reason", "options")} == {
+        "key": "alice", "user": "alice", "server": "", "node": "n1",
+        "reason": "node n1 restarted", "options": {"gpus": 1}}
+    # The start that follows (whoever makes it) ends the ask.
+    node.state, node.interrupted = "running", None
+    await s.start()
+    assert world["cluster"].restarts() == []
+
+
+async def test_a_server_on_a_node_that_went_down_is_asked_back(world) -> None:
+    s = world["make"](server="work")
+    s.restart_interrupted = True
+    await s.start()
+    world["node"].fail = NodeUnreachable("no answer")
+    world["up"]["n1"] = False
+    assert await s.poll() == 1
+    [ask] = world["cluster"].restarts()
+    assert (ask["key"], ask["server"], ask["reason"]) == ("alice.work", "work",
+                                                          "node n1 went down")
+    # Stopped on purpose after all (the node is back, the server polls running): no restart.
+    world["node"].fail, world["up"]["n1"] = None, True
+    await s.start()
+    world["cluster"].request_restart("alice.work", "alice", "work", "n1", "test", {})
+    await s.stop()
+    assert world["cluster"].restarts() == []
 
 
 async def test_stop_and_state(world) -> None:

@@ -40,6 +40,7 @@ from .history import History, RecentSamples
 from .hubapi import HubApi
 from .metrics import exposition
 from .reclaim import Decision, IdleReclaim
+from .restarts import restart_interrupted
 from .state import DISK_CLEAR, DISK_WARN, cluster_node_view, gpu_view, node_view, user_view
 
 HERE = Path(__file__).resolve().parent
@@ -87,6 +88,11 @@ class MonitorService(Application):
     node_key_file = Unicode(
         "", help="LabVMSpawner.node_key_file: the hub's node key, which a migration needs to "
         "ask the source node to sync. Empty: only evacuations of down nodes can run."
+    ).tag(config=True)
+    restart_max_age_h = Float(
+        24.0, help="Hours after which a server its node's going down stopped is no longer "
+        "started again by itself (LabVMSpawner.restart_interrupted), even if its node is "
+        "still away."
     ).tag(config=True)
     migration_timeout_s = Float(
         300.0, help="Seconds a migration waits for the server to stop, or to start again."
@@ -160,6 +166,11 @@ class MonitorService(Application):
             for s in await self.sample_nodes():
                 await asyncio.to_thread(self._history_of(s.node).add, s)
                 await self.act_on(s)
+        try:
+            await restart_interrupted(self.cluster, self.hub, self.restart_max_age_h * 3600,
+                                      logger=self.log)
+        except Exception:
+            self.log.exception("restarting interrupted servers failed")
 
     def _history_of(self, node: str) -> History:
         # One writer per node: a History averages one node's samples per step.

@@ -38,6 +38,16 @@ def docker_userns(info: dict[str, Any] | None, error: str = "") -> Check:
     return Check("dockerd", True, "running, with userns-remap")
 
 
+def docker_live_restore(info: dict[str, Any] | None) -> Check:
+    """Whether servers outlive a dockerd restart (unattended-upgrades restarts it)."""
+    if info is not None and info.get("LiveRestoreEnabled"):
+        return Check("dockerd live-restore", True, "on: servers keep running while dockerd "
+                     "restarts")
+    return Check("dockerd live-restore", False, "off: every server on this node stops "
+                 "whenever dockerd restarts", 'add "live-restore": true to dockerd\'s '
+                 "daemon.json and reload it (kill -HUP the dockerd)")
+
+
 def store_mount(store_root: str) -> Check:
     if not store_root:
         return Check("layer store", True, "local (the one-node default)")
@@ -149,6 +159,7 @@ def run_all(settings: Any, hub_url: str = "") -> list[Check]:
                   else docker.from_env())
         info = client.info()
         checks.append(docker_userns(info))
+        checks.append(docker_live_restore(info))
     except Exception as e:  # noqa: BLE001 - reported as the finding
         client, info = None, None
         checks.append(docker_userns(None, str(e)))

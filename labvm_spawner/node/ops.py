@@ -33,6 +33,7 @@ from ..storage.crash import crashpoint
 from ..storage.health import StoreProbe
 from . import asides, containerspec, housekeeping, netpolicy, nvml, overlay
 from .allocations import GpuAllocator
+from .interrupted import Interrupted
 from .network import ensure_network
 from .protocol import SERVER_PORT, Emit, Limits, NodeConfig, StartRequest
 from .quota import NO_QUOTA_FS
@@ -76,6 +77,7 @@ class NodeOps:
         self.uppers = Uppers(self.state, self.store, config.name)
         self.syncing = Syncing(self.store, self.uppers)
         self.secrets = Secrets(config.secrets_root)
+        self.interrupted = Interrupted(self.state)
         self._aside_sizes: dict[str, int | None] = {}
         self._collector = None
         self._sample_lock = threading.Lock()
@@ -118,6 +120,11 @@ class NodeOps:
         if leases.is_dir():
             for f in leases.glob("*.json"):
                 if f.stem not in live:
+                    # Running when this node went down: the hub must not take it for a
+                    # server its user stopped (see ``interrupted``).
+                    log.warning("the server of %s was running when this node went down",
+                                f.stem)
+                    self.interrupted.add(f.stem)
                     self._release(f.stem)
 
     # ---- helpers ---------------------------------------------------------------
@@ -309,6 +316,7 @@ class NodeOps:
                 except Exception:
                     log.exception("cleanup after a failed start of %s", key)
             raise
+        self.interrupted.clear(key)
         self.syncing.start(key)
         if took_over and self.store.pending(key):
             self._merge_later(key)
@@ -402,7 +410,8 @@ class NodeOps:
         reachable = self.store_probe.state.reachable  # the record is on the store
         return {"state": state, "exit_code": code,
                 "last_synced": self.syncing.last_synced(key) if reachable else None,
-                "synced_clean": self.uppers.is_clean(key)}
+                "synced_clean": self.uppers.is_clean(key),
+                "interrupted": self.interrupted.get(key) if state != "running" else None}
 
     def stop(self, key: str) -> dict:
         """Stop and remove the container, sync the upper one last time, free everything.
@@ -429,6 +438,7 @@ class NodeOps:
             if reachable:
                 self._release(key)  # else the lease runs out by itself (lease_grace)
             self.secrets.remove(key)
+            self.interrupted.clear(key)
             released = self.allocator.release(key)
             if released:
                 log.info("released GPU(s) %s of %s", ", ".join(released), key)

@@ -224,6 +224,7 @@ class Status:
     exit_code: int | None = None
     last_synced: float | None = None
     synced_clean: bool = False
+    interrupted: float | None = None  # not running: when a node restart was found to stop it
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Status:
@@ -232,9 +233,10 @@ class Status:
             raise LabVMError(f"the node answered a status with a bad state: {state!r}")
         code = data.get("exit_code")
         synced = data.get("last_synced")
+        cut = data.get("interrupted")
         return cls(state, int(code) if code is not None else None,
                    float(synced) if synced is not None else None,
-                   bool(data.get("synced_clean")))
+                   bool(data.get("synced_clean")), float(cut) if cut is not None else None)
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)

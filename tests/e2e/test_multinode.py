@@ -21,7 +21,7 @@ import pytest
 import requests
 from support.components import TEST_ROOT
 from support.hubharness import HubError
-from support.jupyter_exec import run
+from support.jupyter_exec import MANIFEST, run
 
 pytestmark = pytest.mark.e2e
 
@@ -77,26 +77,11 @@ def migrate(hub, user: str, node: str, timeout: float = 300) -> dict:
 
 
 def node_of(testbed, key: str) -> str | None:
-    """The node whose engine runs this root's container (asserting there is one at most)."""
-    found = []
-    for n in ("a", "b"):
-        running = testbed.docker(n).containers.list(filters={"label": f"labvm.key={key}"})
-        found += [n] * len(running)
-    assert len(found) <= 1, found
-    return found[0] if found else None
+    return testbed.node_of(key)
 
 
 def wait_synced(testbed, key: str, after: float, timeout: float = 30) -> None:
-    path = testbed.store / key / "synced.json"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if json.loads(path.read_text())["t"] > after:
-                return
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"{key} not synced since {after}")
+    testbed.wait_synced(key, after, timeout)
 
 
 # What a user does in their server before a move, and how to check it after.
@@ -890,10 +875,6 @@ def test_idle_reclaim_stops_an_idle_server_on_a_node_after_the_warning(testbed, 
 
 OUTAGE_S = float(os.environ.get("LABVM_OUTAGE_S", "30"))
 MOOSEFS_SH = Path(__file__).resolve().parents[2] / "scripts" / "moosefs.sh"
-# Every file in the user's home, with its checksum: what "nothing lost" is checked against.
-MANIFEST = "cd ~ && find . -path ./.cache -prune -o -path ./.local -prune -o -path " \
-    "./.ipython -prune -o -path ./.jupyter -prune -o -type f -print0 | sort -z | " \
-    "xargs -0 sha256sum"
 
 
 def _moosefs(cmd: str) -> None:

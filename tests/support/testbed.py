@@ -10,6 +10,7 @@ node b GPUs 2-3.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -227,17 +228,74 @@ class Testbed:
         return True
 
     def kill_dockerd(self, n: str) -> None:
+        """Node n's engine dies and its containers with it, as in a crash or a power cut.
+
+        (With live-restore, a dockerd dying alone would leave them running.)"""
+        try:
+            ids = [c.id for c in self.docker(n).containers.list(all=True)]
+        except docker.errors.DockerException:
+            ids = []
         pid = int((NODE_RUN / n / "dockerd.pid").read_text())
         os.kill(pid, signal.SIGKILL)
-        for _ in range(100):
-            if not Path(f"/proc/{pid}").exists():
+        _wait_gone(pid)
+        # The containers' processes, then the shims that held them.
+        cgroups = tuple(f"/docker/{i}" for i in ids)
+        for _ in range(50):
+            victims = [p for p in _pids() if _in_cgroups(p, cgroups)
+                       or f"-address {NODE_RUN / n}/exec/" in _cmdline(p)]
+            if not victims:
                 return
+            for p in victims:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p, signal.SIGKILL)
             time.sleep(0.1)
+        raise RuntimeError(f"processes of node {n}'s containers outlived SIGKILL")
+
+    def restart_dockerd(self, n: str) -> None:
+        """Stop node n's dockerd as a package upgrade does (SIGTERM), and start it again."""
+        pid = int((NODE_RUN / n / "dockerd.pid").read_text())
+        os.kill(pid, signal.SIGTERM)
+        if not _wait_gone(pid, 60):
+            raise RuntimeError(f"dockerd of node {n} did not stop")
+        self.start_dockerd(n)
 
     def start_dockerd(self, n: str) -> None:
         r = _run("bash", str(TESTBED_SH), "up", n, timeout=300)
         if r.returncode != 0:
             raise RuntimeError(f"restarting dockerd of {n} failed:\n{r.stderr}")
+
+    def power_cut(self, n: str) -> None:
+        """What a reboot leaves of node n: no agent, no engine, no container, no mount of
+        a root or of the secrets tmpfs. Its local disk (the uppers) stays."""
+        from labvm_spawner.node.overlay import mount_points
+
+        self.kill_agent(n)
+        self.kill_dockerd(n)
+        for mp in sorted(mount_points(), key=len, reverse=True):
+            if (mp.startswith(f"{self.state(n)}/mnt/") or mp.startswith(f"{NODE_RUN / n}/secrets")
+                    or mp.startswith(f"{NODE_STATE / n}/docker/")):
+                _run("umount", "-l", mp)
+
+    def node_of(self, key: str) -> str | None:
+        """The node whose engine runs this root's container (asserting there is one at most)."""
+        found = []
+        for n in NODE_IP:
+            running = self.docker(n).containers.list(filters={"label": f"labvm.key={key}"})
+            found += [n] * len(running)
+        assert len(found) <= 1, found
+        return found[0] if found else None
+
+    def wait_synced(self, key: str, after: float, timeout: float = 30) -> None:
+        path = self.store / key / "synced.json"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if json.loads(path.read_text())["t"] > after:
+                    return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"{key} not synced since {after}")
 
     def hub(self, base: Path, port: int, env: dict[str, str] | None = None) -> Hub:
         """A hub (not started) with no node of its own, using nodes a and b once they
@@ -319,6 +377,36 @@ class Testbed:
             self.clean_node(n)  # the unpacked image layers stay: a cache by image id
         _run("bash", str(TESTBED_SH), "down", timeout=300)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _wait_gone(pid: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _in_cgroups(pid: int, cgroups: tuple[str, ...]) -> bool:
+    if not cgroups:
+        return False
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return False
+    return any(line.endswith(cgroups) for line in lines)
 
 
 def _mount_point(path: Path) -> Path:
