@@ -173,6 +173,12 @@ def test_history_downsamples_and_survives_a_restart(tmp_path):
     recent = RecentSamples(10)
     recent.add(make_sample(250, 70, 1))
     assert [t for t, _ in h2.series("gpu", "GPU-x", 0, recent)] == [120.0, 180.0, 250.0]
+    # Recent samples of several nodes: each node's series has its own points only.
+    other = make_sample(260, 20, 1)
+    other.node = "n2"
+    pts = h2.series("node", "n2", 0, [*recent, other])
+    assert [t for t, _ in pts] == [260.0]
+    assert [t for t, _ in h2.series("node", "n1", 0, [other, *recent])] == [120.0, 180.0, 250.0]
     # Points older than the retention go; seven days are kept.
     h2.retention_s = 8 * 86400
     assert h2.prune(now=180 + 8 * 86400 + 1) == 2 * 3  # node, gpu, user rows of 2 steps

@@ -166,7 +166,7 @@ class HistoryHandler(BaseHandler):
         elif kind != "user" or not _owns(user["name"], subject):
             raise web.HTTPError(403, "only your own usage")
         points = self.monitor.history.series(kind, subject, time.time() - hours * 3600,
-                                             self.monitor.recent)
+                                             self.monitor.recent_samples())
         self.write({"kind": kind, "subject": subject, "points": points})
 
 

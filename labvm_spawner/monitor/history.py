@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 
 from sqlalchemy import Integer, String, Text, delete, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -43,6 +44,9 @@ class RecentSamples:
 
     def latest(self) -> Sample | None:
         return self.samples[-1] if self.samples else None
+
+    def __iter__(self) -> Iterator[Sample]:
+        return iter(self.samples)
 
 
 class History:
@@ -102,8 +106,10 @@ class History:
     # ---- reading -------------------------------------------------------------
 
     def series(self, kind: str, subject: str, since: float,
-               recent: RecentSamples | None = None) -> list[tuple[float, dict[str, float]]]:
-        """Stored points from ``since`` on, then the finer recent ones after the last stored."""
+               recent: Iterable[Sample] | None = None) -> list[tuple[float, dict[str, float]]]:
+        """Stored points from ``since`` on, then the finer recent ones after the last stored.
+
+        ``recent``: the samples kept in memory, of one node or of several."""
         with Session(self.engine) as s:
             rows = s.execute(
                 select(HistoryPoint.t, HistoryPoint.values)
@@ -113,7 +119,7 @@ class History:
             ).all()
         out = [(float(t), json.loads(v)) for t, v in rows]
         last = out[-1][0] + self.step_s if out else since
-        for sample in recent.samples if recent else ():
+        for sample in sorted(recent or (), key=lambda x: x.t):
             if sample.t >= last:
                 values = points_of(sample).get((kind, subject))
                 if values is not None:

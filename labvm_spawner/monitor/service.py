@@ -133,6 +133,7 @@ class MonitorService(Application):
         self.warnings: dict[str, dict[str, Any]] = {}  # key -> the warning its user sees
         self.disk_warned: set[str] = set()  # keys whose disk notice is in their home
         self.remote: dict[str, Sample] = {}  # node -> its agent's latest sample
+        self.remote_recent: dict[str, RecentSamples] = {}  # node -> its agent's recent ones
         self.reclaims: dict[str, IdleReclaim] = {}  # node -> its idle-GPU bookkeeping
         self.histories: dict[str, History] = {}  # node -> the writer of its history
         self._aside_sizes: dict[str, int | None] = {}
@@ -164,6 +165,8 @@ class MonitorService(Application):
         await self.act_on(sample)
         if self.cluster.enrolled():
             for s in await self.sample_nodes():
+                self.remote_recent.setdefault(s.node, RecentSamples(self.recent.samples.maxlen
+                                                                    or 1)).add(s)
                 await asyncio.to_thread(self._history_of(s.node).add, s)
                 await self.act_on(s)
         try:
@@ -241,6 +244,10 @@ class MonitorService(Application):
 
     def latest(self) -> Sample | None:
         return self.recent.latest()
+
+    def recent_samples(self) -> list[Sample]:
+        """The samples in memory of every node: this service's own and each agent's."""
+        return [*self.recent, *(s for r in self.remote_recent.values() for s in r)]
 
     def all_latest(self) -> list[Sample]:
         """The latest sample of every node: this service's own, then each agent's."""

@@ -9,6 +9,7 @@ and take and return plain JSON-able values.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -191,7 +192,15 @@ class NodeOps:
         """Start the server of ``req.key``; on any failure nothing it made is left."""
         emit = emit or (lambda p, m: log.info("%s: %s", req.key, m))
         with self.key_lock(req.key), self._start_slot(emit):
-            return self._start(req, emit)
+            try:
+                return self._start(req, emit)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                raise LabVMError(
+                    f"The disk that holds users' files on node {self.config.name} is full "
+                    f"({self.uppers.quotas.uppers}), so no server can start there now. Running "
+                    "servers keep their files; an admin must free room.") from e
 
     @contextlib.contextmanager
     def _start_slot(self, emit: Emit) -> Iterator[None]:

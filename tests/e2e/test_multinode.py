@@ -265,6 +265,9 @@ def test_every_node_is_sampled_with_its_users_on_its_gpus(testbed, hub):
         "Authorization": f"Bearer {hub.env['LABVM_TEST_METRICS_TOKEN']}"}).text
     assert re.search(rf'DCGM_FI_DEV_GPU_UTIL\{{[^}}]*node="{home}",user="gus"\}}', metrics)
     assert f'node="{home}"' in metrics and 'node="a"' in metrics and 'node="b"' in metrics
+    # Each node has its own history, and the Nodes page charts every node.
+    hist = admin(hub, "GET", f"api/admin/history?kind=node&subject={home}&hours=1").json()
+    assert hist["points"] and all("cpu_percent" in v for _, v in hist["points"]), hist
     _gpus_page_shows(hub, home, gpu["uuid"])
     testbed.gpu_processes_file(home).write_text("{}")
     hub.unspawn("gus")
@@ -283,6 +286,11 @@ def _gpus_page_shows(hub, node: str, uuid: str) -> None:
             row.wait_for(timeout=30000)
             assert "gus" in row.inner_text()
             page.screenshot(path=str(ARTIFACTS / "testbed-admin-gpus.png"), full_page=True)
+            page.goto(f"{hub.url}{ADMIN}admin/nodes")
+            legend = page.locator("#chart-node .u-legend .u-series .u-label")
+            legend.nth(2).wait_for(timeout=30000)
+            assert {"a", "b"} <= set(legend.all_inner_texts()), legend.all_inner_texts()
+            page.screenshot(path=str(ARTIFACTS / "testbed-admin-nodes.png"), full_page=True)
         finally:
             browser.close()
 
@@ -313,6 +321,12 @@ def test_a_running_roots_version_outlives_prunes_from_elsewhere(testbed, hub, tm
     assert store.fsck(keys=["lea"]).clean and v2 in store.versions("lea")
     rc, out = run(hub, "lea", "cat /srv/set/f* | wc -l; find /srv/set -type f | wc -l")
     assert rc == 0 and out.split() == ["100000", "200"], out
+    # An admin's restore through the pages is refused while it runs on its node, and
+    # changes nothing (the service samples another node than the server's).
+    versions, current = store.versions("lea"), store.current_version("lea")
+    r = admin(hub, "POST", "api/admin/restore", json={"key": "lea", "version": v2})
+    assert r.status_code == 409 and f"node {home}" in r.json()["message"], r.text
+    assert store.versions("lea") == versions and store.current_version("lea") == current
     hub.unspawn("lea")
     assert store.leases("lea") == {}
     assert store.prune("lea") == [v2]

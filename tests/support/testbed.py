@@ -363,7 +363,8 @@ class Testbed:
             _run("umount", "-l", str(self.node_mnt(n)))
         if os.path.ismount(state / "uppers"):  # its btrfs goes too: the next bed starts empty
             _run("umount", "-l", str(state / "uppers"))
-        for sub in ("uppers", "uppers.img", "mnt", "labvm.sqlite", "tls"):
+        for sub in ("uppers", "uppers.img", "mnt", "labvm.sqlite", "tls", "leases",
+                    "interrupted.json"):
             p = state / sub
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)

@@ -87,11 +87,12 @@
     renderClusterNodes(state.cluster_nodes || []);
     renderHousekeeping([...state.nodes, ...(state.cluster_nodes || [])]);
     renderEnrolled(state.enrolled_nodes || [], state.node_warnings || []);
-    const node = state.nodes[0];
-    if (node) {
-      const pts = await history("api/admin/history", "node", node.name);
-      drawChart("chart-node", "CPU % (node)", ["CPU %"], [pts], "cpu_percent");
-      drawChart("chart-node-mem", "Memory used (GiB)", ["memory"], [pts], "mem_used", 1 / 2 ** 30);
+    // One line per node, every node the service samples (its own and each agent's).
+    const names = state.nodes.map((n) => n.name);
+    if (names.length) {
+      const pts = await Promise.all(names.map((name) => history("api/admin/history", "node", name)));
+      drawChart("chart-node", "CPU % per node", names, pts, "cpu_percent");
+      drawChart("chart-node-mem", "Memory used per node (GiB)", names, pts, "mem_used", 1 / 2 ** 30);
     }
   }
 
