@@ -117,6 +117,7 @@ main(sys.argv[1:])
         ] + ([
             f"--MonitorService.registry_dir={os.environ['LABVM_TEST_REGISTRY']}",
             f"--MonitorService.node_key_file={os.environ['LABVM_TEST_NODE_KEY']}",
+            f"--Collector.store_root={os.environ['LABVM_TEST_STORE']}",
         ] if os.environ.get("LABVM_TEST_TESTBED") == "1" else []),
     )
     _service["environment"] = {

@@ -217,6 +217,16 @@ def test_user_view_shows_node_and_last_sync(tmp_path):
     assert main["last_sync_errors"] == 0
 
 
+def test_user_view_asks_nothing_of_a_store_that_does_not_answer():
+    from labvm_spawner.monitor.state import user_view
+
+    user = {"name": "alice", "servers": {"": {"ready": True}}}
+    [root] = user_view(user, None, None, {}, {"alice": "n2"})["roots"]
+    assert (root["key"], root["node"], root["running"]) == ("alice", "n2", True)
+    assert root["versions"] == [] and root["last_synced"] is None
+    assert root["last_sync"].startswith("unknown: the layer store does not answer")
+
+
 def test_user_view_shows_sync_errors(tmp_path):
     import json
 

@@ -22,7 +22,7 @@ from .. import db
 from ..errors import LabVMError
 from ..node.allocations import GpuAllocator
 from ..node.quota import Quotas
-from ..storage.health import StoreProbe
+from ..storage.health import StoreProbe, StoreState
 from . import procfs
 from .cgroups import CgroupReader, CgroupReading
 from .gpus import GpuSampler
@@ -169,6 +169,14 @@ class Collector(LoggingConfigurable):
     def store_path(self) -> str:
         return self.store_root or str(Path(self.state_dir) / "store")
 
+    def store_state(self) -> StoreState:
+        """Whether the layer store answers, asked so that a hung one blocks no caller."""
+        # A MooseFS store whose master is down would block a plain statvfs, and the
+        # admin pages with it.
+        if self._store_probe is None:
+            self._store_probe = StoreProbe(self.store_path)
+        return self._store_probe.check()
+
     def refresh_containers(self) -> None:
         """Ask Docker for this node's LabVM containers (labels only, no stats)."""
         found = self.docker.api.containers(
@@ -237,11 +245,7 @@ class Collector(LoggingConfigurable):
         self._prev_node = times
         mem_used, mem_total = procfs.read_meminfo(proc)
         upper_free, upper_total = procfs.disk_usage(self.state_dir)
-        # A MooseFS store whose master is down would block a plain statvfs, and the
-        # admin pages with it.
-        if self._store_probe is None:
-            self._store_probe = StoreProbe(self.store_path)
-        store = self._store_probe.check()
+        store = self.store_state()
         return NodeSample(cpu, os.cpu_count() or 1, mem_used, mem_total,
                           upper_free, upper_total, store.free, store.total,
                           store.reachable, store.since)

@@ -34,6 +34,7 @@ from ..node.secrets import write_keys
 from ..ssh import clientconfig
 from ..ssh import service as ssh_service
 from ..storage import StoreError, open_store
+from ..storage.store import LayerStore
 from . import handlers, notice
 from .collector import Collector, Sample
 from .history import History, RecentSamples
@@ -298,8 +299,10 @@ class MonitorService(Application):
         cluster = self.cluster
         nodes = await cluster.nodes()
         placements = cluster.placements()
-        views = [user_view(u, self.merged(), self.store_root, self.warnings, placements)
-                 for u in users]
+        root = await self.answering_store()
+        merged = self.merged()
+        views = await asyncio.to_thread(lambda: [
+            user_view(u, merged, root, self.warnings, placements) for u in users])
         return {
             # "nodes" is this service's own, sampled node; "cluster_nodes" every
             # registered one, from its heartbeat.
@@ -320,7 +323,7 @@ class MonitorService(Application):
             "users": views,
             "reclaim": {"idle_hours": self.reclaim.idle_hours,
                         "warn_hours": self.reclaim.warn_hours, "reclaimed": self.reclaimed},
-            "restore_supported": hasattr(open_store(self.store_root), "restore"),
+            "restore_supported": root is not None,
             "asides": await self.asides(nodes),
         }
 
@@ -339,7 +342,7 @@ class MonitorService(Application):
         if node == self.node_name:
             state = Path(self.collector.state_dir)
             if action == "restore":
-                store = open_store(self.store_root)
+                store = await self.require_store()
                 result = {"id": aside_id, "version": await asyncio.to_thread(
                     asides.restore, state, store, aside_id)}
             else:
@@ -353,13 +356,24 @@ class MonitorService(Application):
     async def user_state(self, name: str) -> dict[str, Any]:
         users = {u["name"]: u for u in await self.hub.users()}
         user = users.get(name, {"name": name})
-        return user_view(user, self.merged(), self.store_root, self.warnings,
-                         self.cluster.placements())
+        root, merged, placements = await self.answering_store(), self.merged(), \
+            self.cluster.placements()
+        return await asyncio.to_thread(user_view, user, merged, root, self.warnings, placements)
+
+    async def answering_store(self) -> str | None:
+        """The layer store's root, or None while it does not answer (never wait on it)."""
+        state = await asyncio.to_thread(self.collector.store_state)
+        return self.store_root if state.reachable else None
+
+    async def require_store(self) -> LayerStore:
+        root = await self.answering_store()
+        if root is None:
+            raise web.HTTPError(503, "the layer store does not answer; nothing was changed. "
+                                "Try again once it is back")
+        return open_store(root)
 
     async def restore(self, key: str, version: int) -> int:
-        store = open_store(self.store_root)
-        if not hasattr(store, "restore"):
-            raise web.HTTPError(501, "this layer store cannot restore versions yet")
+        store = await self.require_store()
         sample = self.latest()
         if sample and any(c.key == key for c in sample.containers):
             raise web.HTTPError(409, f"stop the server of {key} before restoring its root")

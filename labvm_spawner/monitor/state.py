@@ -50,17 +50,25 @@ def _last_sync_fields(store: Any, key: str) -> dict[str, Any]:
             "last_sync_quota_errors": synced["quota_errors"]}
 
 
-def user_view(user: dict[str, Any], sample: Sample | None, store_root: str,
+# What a root shows of the store while the store does not answer.
+_STORE_UNKNOWN = {"versions": [], "current_version": None, "last_sync": "unknown: the layer "
+                  "store does not answer", "last_synced": None, "last_synced_node": "",
+                  "last_sync_errors": 0, "last_sync_quota_errors": 0, "sync_progress": None,
+                  "store_quota": None, "store_used": None, "store_refused": None}
+
+
+def user_view(user: dict[str, Any], sample: Sample | None, store_root: str | None,
               warnings: dict[str, dict[str, Any]],
               placements: dict[str, str] | None = None) -> dict[str, Any]:
     """One user: each root (server) with its node, container figures, GPUs, layer versions
-    and last sync. ``placements`` (key -> node) come from the cluster's records."""
-    store = open_store(store_root)
+    and last sync. ``placements`` (key -> node) come from the cluster's records.
+    ``store_root`` None: the store does not answer, and is not asked (it would hang)."""
+    store = open_store(store_root) if store_root is not None else None
     placements = placements or {}
     containers = {c.key: c for c in sample.containers} if sample else {}
     servers = user.get("servers") or {}
     roots = []
-    for key in _keys_of(user, store.keys() + list(placements)):
+    for key in _keys_of(user, (store.keys() if store else []) + list(placements)):
         server = key.split(".", 1)[1] if "." in key else ""
         srv = servers.get(server) or {}
         c = containers.get(key)
@@ -79,11 +87,10 @@ def user_view(user: dict[str, Any], sample: Sample | None, store_root: str,
             "last_activity": srv.get("last_activity"),
             "container": c.__dict__ if c else None,
             "gpus": gpus,
-            "versions": store.versions(key),
-            "current_version": store.current_version(key),
             "warning": warnings.get(key),
             **disk_fields(sample, key),
-            **_sync_fields(store_root, key),
+            **({"versions": store.versions(key), "current_version": store.current_version(key),
+                **_sync_fields(store_root, key)} if store else _STORE_UNKNOWN),
         })
     return {"name": user["name"], "admin": bool(user.get("admin")), "roots": roots}
 

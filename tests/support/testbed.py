@@ -310,6 +310,7 @@ class Testbed:
             "LABVM_TEST_IMAGE": self.image,
             "LABVM_TEST_TESTBED": "1",
             "LABVM_TEST_REGISTRY": str(self.registry),
+            "LABVM_TEST_STORE": str(self.store),
             "LABVM_TEST_NODE_KEY": str(self.key_file),
             "LABVM_TEST_HUB_IP": HUB_IP,
             "LABVM_NODE_DOWN_AFTER_S": str(self.down_after_s),
