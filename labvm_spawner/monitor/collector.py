@@ -136,7 +136,9 @@ class Collector(LoggingConfigurable):
     cgroup_root = Unicode("/sys/fs/cgroup", help="Where cgroupfs is mounted.").tag(config=True)
     proc_root = Unicode("/proc", help="Where procfs is mounted.").tag(config=True)
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, store_probe: StoreProbe | None = None, **kwargs: Any) -> None:
+        """``store_probe``: one the caller already keeps (a node agent's), so that the
+        store is asked once per node."""
         super().__init__(**kwargs)
         self.gpus = GpuSampler()
         self.cgroups = CgroupReader(Path(self.cgroup_root))
@@ -146,7 +148,7 @@ class Collector(LoggingConfigurable):
         self._listed_at = 0.0
         self._prev_cpu: dict[str, tuple[float, int]] = {}  # id -> (monotonic, cpu_ns)
         self._prev_node: procfs.CpuTimes | None = None
-        self._store_probe: StoreProbe | None = None
+        self._store_probe = store_probe
         self.quotas = Quotas(Path(self.state_dir) / "uppers")
 
     # ---- sources -------------------------------------------------------------

@@ -582,7 +582,8 @@ class NodeOps:
                 cfg = self.config
                 self._collector = Collector(node_name=cfg.name, state_dir=cfg.state_dir,
                                             store_root=cfg.store_root, db_url=cfg.db_url,
-                                            docker_url=cfg.docker_url)
+                                            docker_url=cfg.docker_url,
+                                            store_probe=self.store_probe)
             return self._collector.sample().to_dict()
 
     def notice(self, key: str, name: str, text: str | None) -> dict:

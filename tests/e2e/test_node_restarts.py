@@ -113,10 +113,12 @@ def test_a_rebooted_node_gives_each_server_back_with_its_unsynced_changes(testbe
 
     testbed.start_agent(n)
     testbed.wait_up(n)
+    back_at = time.time()
     deadline = time.monotonic() + 300
     while not _server(hub, "rhea").get("ready"):
         assert time.monotonic() < deadline, f"not started again:\n{hub.log_tail()}"
         time.sleep(1)
+    print(f"started again {time.time() - back_at:.1f} s after node {n} was back")
     assert testbed.node_of("rhea") == n
     assert _container_id(testbed, n, "rhea") != before_id
     rc, after = run(hub, "rhea", MANIFEST + "; test ! -e /etc/motd && echo MOTD-GONE")
