@@ -83,6 +83,27 @@ def test_each_user_sees_and_deletes_only_their_own_keys(pub, tmp_path) -> None:
     assert store.keys("alice") == []
 
 
+def test_a_deleted_accounts_keys_never_let_anyone_in_under_its_name(pub, tmp_path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    store = KeyStore(f"sqlite:///{tmp_path}/k.sqlite")
+    for user in ("alice", "bob", "carol"):
+        store.add(user, pub)
+    now = datetime.now(UTC)
+    # bob is gone; carol's name was given to a new account after her key was added; alice's
+    # account dates from within the second her key was added (the key's time keeps whole
+    # seconds): hers stays.
+    fp = store.keys("alice")[0]["fingerprint"]
+    gone = store.forget_departed({
+        "alice": now.isoformat().replace("+00:00", "Z"),
+        "carol": (now + timedelta(minutes=5)).isoformat(),
+    })
+    assert sorted(gone) == [("bob", fp), ("carol", fp)]
+    assert [k.fingerprint for k in store.public_keys("alice")] == [fp]
+    assert store.public_keys("bob") == [] and store.public_keys("carol") == []
+    assert store.forget_departed({"alice": None}) == []
+
+
 def test_the_ssh_config_block_names_each_server() -> None:
     assert clientconfig.ssh_config("alice", "hub.lab", 2222, ["gpu", ""]) == """\
 # LabVM at hub.lab: ssh labvm, scp/rsync labvm:PATH, VS Code Remote-SSH host labvm

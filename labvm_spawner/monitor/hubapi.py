@@ -17,10 +17,11 @@ class HubApi:
         self.api_url = (api_url or os.environ.get("JUPYTERHUB_API_URL", "")).rstrip("/")
         self.token = token or os.environ.get("JUPYTERHUB_API_TOKEN", "")
 
-    async def _call(self, method: str, path: str, body: Any = None) -> Any:
+    async def _call(self, method: str, path: str, body: Any = None,
+                    headers: dict[str, str] | None = None) -> Any:
         req = HTTPRequest(
             self.api_url + path, method=method,
-            headers={"Authorization": f"token {self.token}"},
+            headers={"Authorization": f"token {self.token}", **(headers or {})},
             body=None if body is None and method in ("GET", "DELETE") else json.dumps(body or {}),
             allow_nonstandard_methods=True, request_timeout=30,
         )
@@ -28,8 +29,21 @@ class HubApi:
         return json.loads(resp.body) if resp.body else None
 
     async def users(self) -> list[dict[str, Any]]:
-        # include_stopped_servers so a stopped named server still shows its root
-        return await self._call("GET", "/users?include_stopped_servers=1") or []
+        """Every user, page by page (a single answer stops at the hub's api_page_max_limit)."""
+        found: list[dict[str, Any]] = []
+        offset = 0
+        while True:
+            # include_stopped_servers so a stopped named server still shows its root
+            page = await self._call(
+                "GET", f"/users?include_stopped_servers=1&offset={offset}",
+                headers={"Accept": "application/jupyterhub-pagination+json"}) or {}
+            if isinstance(page, list):  # a hub from before pagination
+                return page
+            found += page.get("items") or []
+            nxt = (page.get("_pagination") or {}).get("next")
+            if not nxt or not page.get("items"):
+                return found
+            offset = int(nxt["offset"])
 
     async def stop_server(self, user: str, server: str = "") -> None:
         path = f"/users/{quote(user)}/server" if not server else \

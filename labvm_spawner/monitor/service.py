@@ -45,6 +45,7 @@ from .restarts import restart_interrupted
 from .state import DISK_CLEAR, DISK_WARN, cluster_node_view, gpu_view, node_view, user_view
 
 HERE = Path(__file__).resolve().parent
+KEYS_CHECK_S = 60.0  # seconds between checks of SSH keys against the hub's users
 
 
 class MonitorService(Application):
@@ -139,6 +140,7 @@ class MonitorService(Application):
         self.histories: dict[str, History] = {}  # node -> the writer of its history
         self._aside_sizes: dict[str, int | None] = {}
         self.reclaimed: list[dict[str, Any]] = []
+        self._keys_checked = 0.0  # monotonic time of the last forget_departed_keys
 
     @property
     def node_name(self) -> str:
@@ -175,6 +177,21 @@ class MonitorService(Application):
                                       logger=self.log)
         except Exception:
             self.log.exception("restarting interrupted servers failed")
+        if time.monotonic() - self._keys_checked > KEYS_CHECK_S:
+            self._keys_checked = time.monotonic()
+            try:
+                await self.forget_departed_keys()
+            except Exception:
+                self.log.exception("checking SSH keys against the hub's users failed")
+
+    async def forget_departed_keys(self) -> None:
+        """A deleted user's SSH keys go with them: a new account of the same name must not
+        let the old one's keys in."""
+        users = {u["name"]: u.get("created") for u in await self.hub.users()}
+        for user, fingerprint in await asyncio.to_thread(self.cluster.ssh_keys.forget_departed,
+                                                         users):
+            self.log.warning("deleted SSH key %s of %s: the hub no longer has that account",
+                             fingerprint, user)
 
     def _history_of(self, node: str) -> History:
         # One writer per node: a History averages one node's samples per step.

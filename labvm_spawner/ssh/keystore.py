@@ -3,7 +3,7 @@ the gateway)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Integer, String, Text, delete, func, select
 from sqlalchemy.engine import Engine
@@ -68,6 +68,33 @@ class KeyStore:
                                                   SSHKeyRow.id == key_id)).rowcount
             s.commit()
         return bool(n)
+
+    def forget_departed(self, users: dict[str, str | None]) -> list[tuple[str, str]]:
+        """Delete the keys of users the hub no longer has, and those added before the
+        hub's user of that name was created (a deleted account's, under a new one's name).
+
+        ``users``: every hub user's name -> its creation time (ISO 8601; None: unknown).
+        Returns (user, fingerprint) of each key deleted."""
+        gone: list[tuple[str, str]] = []
+        with Session(self.engine) as s:
+            for r in s.scalars(select(SSHKeyRow)).all():
+                if r.user in users and not _before(r.added, users[r.user]):
+                    continue
+                gone.append((r.user, r.fingerprint))
+                s.delete(r)
+            s.commit()
+        return gone
+
+
+def _before(added: str, created: str | None) -> bool:
+    if not created:
+        return False
+    try:
+        # ``added`` is cut to the second: only a whole second earlier is surely before.
+        return (datetime.fromisoformat(added) + timedelta(seconds=1)
+                <= datetime.fromisoformat(created).astimezone(UTC))
+    except ValueError:
+        return False
 
 
 def _row_json(r: SSHKeyRow) -> dict:

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import requests
-from support.components import TEST_ROOT
 from support.hubharness import HubError
 from support.jupyter_exec import MANIFEST, run
 
@@ -32,30 +31,21 @@ ADMIN = "/services/labvm-monitor/"
 
 @pytest.fixture(scope="module")
 def testbed(moosefs, labvm_image, fake_gpu_dev, chp, docker_client):
-    from support.testbed import Testbed
+    from support.testbed import running_testbed
 
-    tb = Testbed(moosefs, labvm_image, TEST_ROOT / f"testbed-{int(time.time())}", hub_port=PORT)
-    try:
-        tb.up()
+    with running_testbed(moosefs, labvm_image, "testbed", PORT) as tb:
         yield tb
-    finally:
-        tb.down()
 
 
 @pytest.fixture(scope="module")
 def hub(testbed):
-    h = testbed.hub(testbed.work / "hubbase", PORT,
-                    env={"LABVM_TEST_SSH": "1", "LABVM_TEST_SSH_PORT": str(SSH_PORT)})
-    h.start()
-    testbed.enroll(h)
-    h.create_user("boss")
-    h.boss = h.user_token("boss")
-    yield h
-    for user in h.api("GET", "/users").json():
-        for name in list(user.get("servers", {})):
-            h.api("DELETE", h.server_path(user["name"], name))
-    time.sleep(3)
-    h.stop()
+    from support.testbed import enrolled_hub
+
+    with enrolled_hub(testbed, PORT, {"LABVM_TEST_SSH": "1",
+                                      "LABVM_TEST_SSH_PORT": str(SSH_PORT)}) as h:
+        h.create_user("boss")
+        h.boss = h.user_token("boss")
+        yield h
 
 
 def admin(hub, method: str, path: str, token: str | None = None, **kw) -> requests.Response:

@@ -12,7 +12,6 @@ import os
 import time
 
 import pytest
-from support.components import TEST_ROOT
 from support.jupyter_exec import MANIFEST, run
 
 pytestmark = pytest.mark.e2e
@@ -22,29 +21,18 @@ PORT = 22200
 
 @pytest.fixture(scope="module")
 def testbed(moosefs, labvm_image, fake_gpu_dev, chp, docker_client):
-    from support.testbed import Testbed
+    from support.testbed import running_testbed
 
-    tb = Testbed(moosefs, labvm_image, TEST_ROOT / f"testbed-restarts-{int(time.time())}",
-                 hub_port=PORT)
-    try:
-        tb.up()
+    with running_testbed(moosefs, labvm_image, "testbed-restarts", PORT) as tb:
         yield tb
-    finally:
-        tb.down()
 
 
 @pytest.fixture(scope="module")
 def hub(testbed):
-    h = testbed.hub(testbed.work / "hubbase", PORT,
-                    env={"LABVM_TEST_RESTART_INTERRUPTED": "1"})
-    h.start()
-    testbed.enroll(h)
-    yield h
-    for user in h.api("GET", "/users").json():
-        for name in list(user.get("servers", {})):
-            h.api("DELETE", h.server_path(user["name"], name))
-    time.sleep(3)
-    h.stop()
+    from support.testbed import enrolled_hub
+
+    with enrolled_hub(testbed, PORT, {"LABVM_TEST_RESTART_INTERRUPTED": "1"}) as h:
+        yield h
 
 
 def _container_id(testbed, n: str, key: str) -> str:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import docker
@@ -379,6 +380,36 @@ class Testbed:
             self.clean_node(n)  # the unpacked image layers stay: a cache by image id
         _run("bash", str(TESTBED_SH), "down", timeout=300)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_testbed(mfs_dir: Path, image: str, name: str, hub_port: int) -> Iterator[Testbed]:
+    """A test bed that is up for the ``with`` block, and gone after it."""
+    from .components import TEST_ROOT
+
+    tb = Testbed(mfs_dir, image, TEST_ROOT / f"{name}-{int(time.time())}", hub_port=hub_port)
+    try:
+        tb.up()
+        yield tb
+    finally:
+        tb.down()
+
+
+@contextlib.contextmanager
+def enrolled_hub(tb: Testbed, port: int, env: dict[str, str] | None = None) -> Iterator[Hub]:
+    """The test bed's hub, started with nodes a and b enrolled; every server it started is
+    stopped after the ``with`` block."""
+    h = tb.hub(tb.work / "hubbase", port, env=env)
+    h.start()
+    try:
+        tb.enroll(h)
+        yield h
+    finally:
+        for user in h.api("GET", "/users").json():
+            for name in list(user.get("servers", {})):
+                h.api("DELETE", h.server_path(user["name"], name))
+        time.sleep(3)
+        h.stop()
 
 
 def _wait_gone(pid: int, timeout: float = 10) -> bool:
