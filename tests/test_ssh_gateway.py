@@ -250,3 +250,19 @@ def test_throttle_forgets_failures_after_the_window() -> None:
     assert t.blocked("10.0.0.3", "bob") is None
     now[0] = 61
     assert t.blocked("10.0.0.1", "alice") is None
+
+
+def test_the_audit_log_rotates_instead_of_filling_the_disk(tmp_path) -> None:
+    import json
+
+    path = tmp_path / "ssh" / "audit.log"
+    audit = AuditLog(path, max_bytes=2000, keep=2)
+    for i in range(200):
+        audit("login-refused", user=f"u{i}", source="10.0.0.9", reason="unknown key")
+    audit.close()
+    files = sorted(p.name for p in path.parent.iterdir())
+    assert files == ["audit.log", "audit.log.1", "audit.log.2"]
+    assert all((path.parent / f).stat().st_size < 2200 for f in files)
+    assert all(oct((path.parent / f).stat().st_mode & 0o777) == "0o600" for f in files)
+    last = json.loads(path.read_text().splitlines()[-1])
+    assert (last["user"], last["event"]) == ("u199", "login-refused")

@@ -83,17 +83,34 @@ class AuditLog:
     """One JSON line per login, refusal and forwarding request (root-only file), also
     sent to the service's log."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_bytes: int = 64 << 20, keep: int = 3) -> None:
+        """Past ``max_bytes`` the log moves to ``<path>.1`` (and so on, ``keep`` of them):
+        failed logins from many addresses must not fill the hub's disk."""
         self.path = path
+        self.max_bytes, self.keep = max_bytes, keep
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
-                           | os.O_CLOEXEC, 0o600)
+        self._fd = self._open()
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                       | os.O_CLOEXEC, 0o600)
 
     def __call__(self, event: str, **fields: Any) -> None:
         rec = {"t": round(time.time(), 3), "event": event, **fields}
         line = json.dumps(rec, sort_keys=True)
         log.info("%s", line)
+        if os.fstat(self._fd).st_size >= self.max_bytes:
+            self._rotate()
         os.write(self._fd, (line + "\n").encode())
+
+    def _rotate(self) -> None:
+        os.close(self._fd)
+        for n in range(self.keep - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{n}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{self.path.name}.{n + 1}"))
+        os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        self._fd = self._open()
 
     def close(self) -> None:
         os.close(self._fd)
