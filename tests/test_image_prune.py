@@ -43,3 +43,17 @@ def test_prune_keeps_mounted_and_kept_layers(tmp_path, overlay_ok):
     finally:
         subprocess.run(["umount", str(merged)], check=True)
     assert prune_rootfs(cache, keep_ids=set()) == [kept, mounted]
+
+
+def test_the_engines_own_image_ids_keep_their_trees_and_removal_is_never_half_seen(tmp_path):
+    # housekeeping passes the ids as the engine lists them: sha256:<hex>.
+    cache = tmp_path / "rootfs"
+    kept, gone = cache / "aaaa1111-100000", cache / "cccc3333-100000"
+    leftover = cache / ".removing-dddd4444-100000-x1" / "tree"  # a removal cut short
+    for d in (kept, gone, leftover):
+        (d / "etc").mkdir(parents=True)
+        (d / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    removed = prune_rootfs(cache, keep_ids={"sha256:aaaa1111" + "0" * 56})
+    assert removed == [gone]
+    assert sorted(p.name for p in cache.iterdir()) == [kept.name]
+    assert (kept / "etc" / "passwd").is_file()

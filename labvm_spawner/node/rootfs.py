@@ -273,25 +273,42 @@ def prune_rootfs(cache_dir: Path, keep_ids: set[str], partial_age_s: float = 360
                  min_age_s: float = 0) -> list[Path]:
     """Delete unpacked image layers that no mount uses and whose image is not kept.
 
-    A tree is named ``<image id prefix>-<shift>``; ``keep_ids`` are full image ids (the
-    images servers start from). Leftovers of an interrupted unpack (``.partial-*``) go
-    once they are older than ``partial_age_s``, so an unpack in progress is never hit.
-    A scheduled run passes ``min_age_s``: a tree unpacked that recently may be about to be
-    mounted by a start.
+    A tree is named ``<image id prefix>-<shift>``; ``keep_ids`` are image ids, bare or as
+    the engine lists them (``sha256:...``). Leftovers of an interrupted unpack
+    (``.partial-*``) go once they are older than ``partial_age_s``, so an unpack in
+    progress is never hit. A scheduled run passes ``min_age_s``: a tree unpacked that
+    recently may be about to be mounted by a start.
+
+    A tree is first renamed aside (``.removing-*``), under the lock a start takes to
+    prepare it, then deleted: a start never finds a half-deleted tree under its name, and a
+    removal cut short (the node killed) leaves only a leftover the next prune takes.
     """
     if not cache_dir.is_dir():
         return []
+    keep = {i.split(":", 1)[-1] for i in keep_ids}
     in_use = layers_in_use()
     now = time.time()
     removed = []
     for tree in sorted(cache_dir.iterdir()):
+        if tree.name.startswith(_REMOVING):
+            remove_tree(tree)
+            continue
         if tree.name.startswith(".partial-"):
             if now - tree.stat().st_mtime < partial_age_s:
                 continue
-        elif str(tree) in in_use or any(i.startswith(tree.name.split("-")[0]) for i in keep_ids):
+            remove_tree(tree)
+            removed.append(tree)
             continue
-        elif now - tree.stat().st_mtime < min_age_s:
+        if any(i.startswith(tree.name.split("-")[0]) for i in keep):
             continue
-        remove_tree(tree)
+        with _unpacking(tree):
+            if str(tree) in layers_in_use() | in_use or now - tree.stat().st_mtime < min_age_s:
+                continue
+            aside = Path(tempfile.mkdtemp(prefix=f"{_REMOVING}{tree.name}-", dir=cache_dir))
+            os.rename(tree, aside / "tree")
+        remove_tree(aside)
         removed.append(tree)
     return removed
+
+
+_REMOVING = ".removing-"  # a tree being deleted: never a name a start looks for
