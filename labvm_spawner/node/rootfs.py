@@ -286,7 +286,6 @@ def prune_rootfs(cache_dir: Path, keep_ids: set[str], partial_age_s: float = 360
     if not cache_dir.is_dir():
         return []
     keep = {i.split(":", 1)[-1] for i in keep_ids}
-    in_use = layers_in_use()
     now = time.time()
     removed = []
     for tree in sorted(cache_dir.iterdir()):
@@ -302,7 +301,8 @@ def prune_rootfs(cache_dir: Path, keep_ids: set[str], partial_age_s: float = 360
         if any(i.startswith(tree.name.split("-")[0]) for i in keep):
             continue
         with _unpacking(tree):
-            if str(tree) in layers_in_use() | in_use or now - tree.stat().st_mtime < min_age_s:
+            # Mounts are read under the lock: a start of this image may have just mounted it.
+            if str(tree) in layers_in_use() or now - tree.stat().st_mtime < min_age_s:
                 continue
             aside = Path(tempfile.mkdtemp(prefix=f"{_REMOVING}{tree.name}-", dir=cache_dir))
             os.rename(tree, aside / "tree")
