@@ -19,16 +19,15 @@ from tornado.httpclient import HTTPClientError
 from ..cluster import Cluster
 from .hubapi import HubApi
 
-log = logging.getLogger("labvm.monitor.restarts")
+_log = logging.getLogger("labvm.monitor.restarts")
 
 MAX_ATTEMPTS = 3
 
 
 async def restart_interrupted(cluster: Cluster, hub: HubApi, max_age_s: float,
-                              now: float | None = None, logger: logging.Logger = log,
+                              now: float | None = None, log: logging.Logger = _log,
                               ) -> list[dict[str, Any]]:
     """Start the servers whose restart is due; returns the asks acted on."""
-    log = logger
     asks = await asyncio.to_thread(cluster.restarts)
     if not asks:
         return []

@@ -134,7 +134,6 @@ class MonitorService(Application):
         self.migrator = Migrator(self.cluster, self.hub, self.migration_timeout_s)
         self.warnings: dict[str, dict[str, Any]] = {}  # key -> the warning its user sees
         self.disk_warned: set[str] = set()  # keys whose disk notice is in their home
-        self.remote: dict[str, Sample] = {}  # node -> its agent's latest sample
         self.remote_recent: dict[str, RecentSamples] = {}  # node -> its agent's recent ones
         self.reclaims: dict[str, IdleReclaim] = {}  # node -> its idle-GPU bookkeeping
         self.histories: dict[str, History] = {}  # node -> the writer of its history
@@ -168,13 +167,11 @@ class MonitorService(Application):
         await self.act_on(sample)
         if self.cluster.enrolled():
             for s in await self.sample_nodes():
-                self.remote_recent.setdefault(s.node, RecentSamples(self.recent.samples.maxlen
-                                                                    or 1)).add(s)
                 await asyncio.to_thread(self._history_of(s.node).add, s)
                 await self.act_on(s)
         try:
             await restart_interrupted(self.cluster, self.hub, self.restart_max_age_h * 3600,
-                                      logger=self.log)
+                                      log=self.log)
         except Exception:
             self.log.exception("restarting interrupted servers failed")
         if time.monotonic() - self._keys_checked > KEYS_CHECK_S:
@@ -263,6 +260,11 @@ class MonitorService(Application):
     def latest(self) -> Sample | None:
         return self.recent.latest()
 
+    @property
+    def remote(self) -> dict[str, Sample]:
+        """node -> its agent's latest sample."""
+        return {n: r.samples[-1] for n, r in self.remote_recent.items() if r.samples}
+
     def recent_samples(self) -> list[Sample]:
         """The samples in memory of every node: this service's own and each agent's."""
         return [*self.recent, *(s for r in self.remote_recent.values() for s in r)]
@@ -299,8 +301,10 @@ class MonitorService(Application):
         async def one(name: str) -> None:
             try:
                 data = await asyncio.wait_for(self.cluster.client(name).sample(), 10)
-                self.remote[name] = Sample.from_dict(data)
-                fresh.append(self.remote[name])
+                sample = Sample.from_dict(data)
+                self.remote_recent.setdefault(
+                    name, RecentSamples(self.recent.samples.maxlen or 1)).add(sample)
+                fresh.append(sample)
             except Exception as e:  # a report, not a crash (a timeout too)
                 self.log.debug("node %s gave no sample: %s", name, e)
 

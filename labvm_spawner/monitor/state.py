@@ -29,9 +29,10 @@ def _keys_of(user: dict[str, Any], known_keys: list[str]) -> list[str]:
     return sorted(keys)
 
 
-def _sync_fields(store_root: str, key: str) -> dict[str, Any]:
-    store = open_store(store_root)
-    fields = _last_sync_fields(store, key)
+def _store_fields(store: Any, key: str) -> dict[str, Any]:
+    """A root's versions and its last sync, as the store has them."""
+    fields = {"versions": store.versions(key), "current_version": store.current_version(key),
+              **_last_sync_fields(store, key)}
     fields["sync_progress"] = store.sync_progress(key)
     fields["store_quota"] = store.quota(key)
     fields["store_used"] = store.quota_usage(key)
@@ -89,8 +90,7 @@ def user_view(user: dict[str, Any], sample: Sample | None, store_root: str | Non
             "gpus": gpus,
             "warning": warnings.get(key),
             **disk_fields(sample, key),
-            **({"versions": store.versions(key), "current_version": store.current_version(key),
-                **_sync_fields(store_root, key)} if store else _STORE_UNKNOWN),
+            **(_store_fields(store, key) if store else _STORE_UNKNOWN),
         })
     return {"name": user["name"], "admin": bool(user.get("admin")), "roots": roots}
 

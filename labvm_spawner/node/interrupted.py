@@ -29,9 +29,9 @@ class Interrupted:
         self._seen = {k: float(t) for k, t in loaded.items()
                       if isinstance(k, str) and isinstance(t, (int, float))}
 
-    def add(self, key: str, t: float | None = None) -> None:
+    def add(self, key: str) -> None:
         with self._lock:
-            self._seen.setdefault(key, time.time() if t is None else t)
+            self._seen.setdefault(key, time.time())
             self._save()
 
     def get(self, key: str) -> float | None:
@@ -42,10 +42,6 @@ class Interrupted:
         with self._lock:
             if self._seen.pop(key, None) is not None:
                 self._save()
-
-    def keys(self) -> list[str]:
-        with self._lock:
-            return sorted(self._seen)
 
     def _save(self) -> None:
         tmp = self.path.with_name(".interrupted.json.tmp")
