@@ -18,8 +18,8 @@ from .safepath import read_xattrs, set_xattrs
 
 __all__ = ["OVL_PREFIX", "OVL_OPAQUE", "OVL_WHITEOUT", "OVL_REDIRECT", "OVL_METACOPY",
            "read_xattrs", "set_xattrs", "visible_xattrs", "is_char_whiteout", "set_meta",
-           "apply_meta", "apply_meta_fd", "open_regular", "copy_entry", "overwrite_file",
-           "copy_file_data", "read_umask", "refresh_umask", "fsync_dir", "syncfs"]
+           "apply_meta", "apply_meta_fd", "open_regular", "copy_entry", "copy_file_data",
+           "read_umask", "refresh_umask", "fsync_dir", "syncfs"]
 
 OVL_PREFIX = "trusted.overlay."
 # Overlayfs escapes a user's own trusted.overlay.* xattr by doubling the prefix.
@@ -220,35 +220,6 @@ def copy_entry(src_dir: int, src_name: str, dst_dir: int, dst_name: str,
         raise OSError(errno.EINVAL, f"cannot copy file type {stat.S_IFMT(mode):o}", src_name)
     apply_meta(dst_dir, dst_name, st, xattrs)
     return st
-
-
-def overwrite_file(src_dir: int, src_name: str, dst_dir: int, dst_name: str,
-                   st: os.stat_result, xattrs: dict[str, bytes]) -> bool:
-    """Rewrite the existing regular file ``dst_name`` (a private copy with no other links)
-    to be a copy of ``src_name``: same result as replacing it, but ext4 frees and
-    allocates less.
-
-    Returns False (touching nothing) when ``dst_name`` is not a single-link regular file.
-    """
-    dst_st = safepath.lstat_or_none(dst_dir, dst_name)
-    # Never open anything but a regular file: opening a device node can have effects.
-    if dst_st is None or not stat.S_ISREG(dst_st.st_mode) or dst_st.st_nlink != 1:
-        return False
-    fd_out = os.open(dst_name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
-                     dir_fd=dst_dir)
-    try:
-        fd_in = open_regular(src_dir, src_name, st)
-        try:
-            st = os.fstat(fd_in)
-            if dst_st.st_size:
-                os.ftruncate(fd_out, 0)
-            copy_file_data(fd_in, fd_out, st)
-        finally:
-            os.close(fd_in)
-        apply_meta_fd(fd_out, st, xattrs, replace_xattrs=True)
-        return True
-    finally:
-        os.close(fd_out)
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
