@@ -191,7 +191,7 @@ class NodeOps:
     def start(self, req: StartRequest, emit: Emit | None = None) -> dict:
         """Start the server of ``req.key``; on any failure nothing it made is left."""
         emit = emit or (lambda p, m: log.info("%s: %s", req.key, m))
-        with self.key_lock(req.key), self._start_slot(emit):
+        with self.key_lock(req.key):
             try:
                 return self._start(req, emit)
             except OSError as e:
@@ -204,13 +204,16 @@ class NodeOps:
 
     @contextlib.contextmanager
     def _start_slot(self, emit: Emit) -> Iterator[None]:
-        """One of ``concurrent_starts`` slots: Jupyter's start is CPU-bound, so ten at once
-        on a small node finish later than the same ten a few at a time."""
+        """One of ``concurrent_starts`` slots, held from the container's start until Jupyter
+        answers: that part is CPU-bound, so ten at once on a small node finish later than
+        the same ten a few at a time. What comes before (GPUs, mounts, the container's
+        creation) waits mostly on disks and dockerd, so the starts that wait for a slot do
+        it meanwhile and are ready to run the moment one is free."""
         if not self._start_slots.acquire(blocking=False):
             with self._lock:
                 self._start_queue += 1
                 ahead = self._start_queue
-            emit(5, f"Waiting for other starts on node {self.config.name} to finish "
+            emit(75, f"Waiting for other starts on node {self.config.name} to finish "
                     f"({ahead} waiting)")
             try:
                 self._start_slots.acquire()
@@ -313,10 +316,11 @@ class NodeOps:
             spec = self._server_spec(req, paths, limits, gpus, secrets_dir, engine)
             container = self.client.containers.create(**containerspec.build(spec))
             undo.append(lambda: self._remove_container(key))
-            container.start()
-            ip, port = self._address(container)
-            emit(80, "Container running; waiting for Jupyter")
-            self._wait_for_server(container, req.timeout_s)
+            with self._start_slot(emit):
+                container.start()
+                ip, port = self._address(container)
+                emit(80, "Container running; waiting for Jupyter")
+                self._wait_for_server(container, req.timeout_s)
             emit(90, "Jupyter is listening")
         except BaseException:
             for step in reversed(undo):

@@ -149,9 +149,10 @@ class NodeSettings(HasTraits):
 
     concurrent_starts = Int(
         0,
-        help="How many servers this node starts at once; the others wait their turn (their "
-        "spawn page says so). Starting Jupyter is CPU-bound, so more at once only makes each "
-        "slower. 0 means one per CPU.",
+        help="How many containers this node boots at once; the other starts get their GPUs, "
+        "mounts and container meanwhile, then wait their turn (their spawn page says so). "
+        "Booting Jupyter is CPU-bound, so more at once only makes each slower. 0 means one "
+        "per CPU.",
     ).tag(config=True)
 
     @validate("sync_interval")
