@@ -18,6 +18,7 @@ Last line: ssh_ratio=<direct time / gateway time> (goal >= 0.8).
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -54,6 +55,37 @@ def busy_s() -> float:
     return (sum(f) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
 
 
+def gateway_pid(state_dir: str) -> int:
+    """The gateway (labvm-ssh) the hub started for this benchmark."""
+    for p in Path("/proc").iterdir():
+        try:
+            args = (p / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"labvm_spawner.ssh" in args and f"--SSHService.state_dir={state_dir}".encode() in args:
+            return int(p.name)
+    raise RuntimeError("the gateway process was not found")
+
+
+def proc_cpu_s(pid: int) -> float:
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cgroup_cpu_s(container_id: str) -> float:
+    """CPU seconds of the container's processes (cgroup v1 or v2)."""
+    for path in (f"/sys/fs/cgroup/cpuacct/docker/{container_id}/cpuacct.usage",
+                 f"/sys/fs/cgroup/system.slice/docker-{container_id}.scope/cpu.stat"):
+        try:
+            text = Path(path).read_text()
+        except OSError:
+            continue
+        if path.endswith("usage"):
+            return int(text) / 1e9
+        return int(dict(line.split() for line in text.splitlines())["usage_usec"]) / 1e6
+    return float("nan")
+
+
 def main() -> int:
     client = docker.from_env()
     image = images.build_all(client)
@@ -68,8 +100,9 @@ def main() -> int:
         key, pub = keygen(tmp, USER)
         KeyStore(f"sqlite:///{hub.env['LABVM_TEST_STATE']}/labvm.sqlite").add(USER, pub)
         hub.spawn(USER)
-        ip = next(iter(container_of(client, USER).attrs["NetworkSettings"]["Networks"]
-                       .values()))["IPAddress"]
+        container = container_of(client, USER)
+        ip = next(iter(container.attrs["NetworkSettings"]["Networks"].values()))["IPAddress"]
+        gw_pid = gateway_pid(hub.env["LABVM_TEST_STATE"])
         opts = ["-F", "/dev/null", "-i", str(key), "-o", "IdentitiesOnly=yes", "-o",
                 "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o",
                 f"UserKnownHostsFile={tmp}/known_hosts", "-o", "LogLevel=ERROR"]
@@ -90,14 +123,20 @@ def main() -> int:
             extra, host = routes[route]
 
             def run() -> None:
-                b0 = busy_s()
+                b0, g0, c0 = busy_s(), proc_cpu_s(gw_pid), cgroup_cpu_s(container.id)
+                k0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 subprocess.run(["scp", "-q", *opts, *extra, str(data), f"{USER}@{host}:big.bin"],
                                check=True)
+                k1 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 cpu.setdefault(route, []).append(busy_s() - b0)
+                parts.setdefault(route, []).append((
+                    k1.ru_utime + k1.ru_stime - k0.ru_utime - k0.ru_stime,
+                    proc_cpu_s(gw_pid) - g0, cgroup_cpu_s(container.id) - c0))
             return run
 
         times: dict[str, list[float]] = {}
         cpu: dict[str, list[float]] = {}
+        parts: dict[str, list[tuple[float, float, float]]] = {}
         for r in range(ROUNDS):
             took = alternate(r, {"gateway": copy("gateway"), "direct": copy("direct")}, times)
             print(f"round {r + 1}: " + "  ".join(
@@ -120,6 +159,11 @@ def main() -> int:
     print(f"CPU seconds per GiB (the whole machine, {os.cpu_count()} cores): gateway "
           f"{statistics.median(cpu['gateway']) * 1024 / MB:.1f}, direct "
           f"{statistics.median(cpu['direct']) * 1024 / MB:.1f}")
+    for route, got in parts.items():
+        client_s, gw_s, cont_s = (statistics.median(x[i] for x in got) * 1024 / MB
+                                  for i in range(3))
+        print(f"{route}: CPU seconds per GiB in the scp/ssh client processes {client_s:.1f}, "
+              f"the gateway {gw_s:.1f}, the container (sshd) {cont_s:.1f}")
     print(f"login (ssh true), median of 20: gateway "
           f"{statistics.median(login['gateway']) * 1000:.0f} ms, direct "
           f"{statistics.median(login['direct']) * 1000:.0f} ms")
