@@ -106,6 +106,13 @@ class NodeOps:
         Runs when the node (agent or hub) starts, so one killed mid-start or mid-stop
         leaks nothing.
         """
+        # A container made but never started: its start was killed while it waited for a
+        # boot slot. Left alone, its status would read as a start still under way.
+        for c in self.client.containers.list(all=True, filters={
+                "status": "created", "label": ["labvm.key", f"labvm.node={self.config.name}"]}):
+            log.warning("removing the container of %s: its start was cut short",
+                        c.labels["labvm.key"])
+            c.remove(force=True)
         live = self.live_keys()
         released = self.allocator.reconcile(live)
         for owner, uuids in released.items():

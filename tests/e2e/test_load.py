@@ -115,12 +115,14 @@ def _wait_for_step(hub, user: str, step: str) -> None:
 
 
 def test_hub_killed_with_servers_running_and_starting(hub, docker_client):
-    """kill -9 of the hub while N-2 servers run and two start: after it comes back, the
-    running ones are the same servers with their files, and the two starting ones either
-    run or left nothing; either way they start again, with GPUs nobody else holds."""
+    """kill -9 of the hub while servers run and one more start than the node boots at once
+    is under way, so one waits for a boot slot with its container made. After it comes
+    back, the running ones are the same servers with their files, and the starting ones
+    either run or left nothing; either way they start again, with GPUs nobody else holds."""
     hub.poll_interval = 0.25
-    running = [f"run{i}" for i in range(max(USERS - 2, 1))]
-    starting = ["late0", "late1"]
+    # One more start than the node boots at once (one per CPU), so one waits for a slot.
+    starting = [f"late{i}" for i in range((os.cpu_count() or 1) + 1)]
+    running = [f"run{i}" for i in range(max(USERS - len(starting), 1))]
     for u in running + starting:
         hub.create_user(u)
     with ThreadPoolExecutor(max_workers=len(running)) as pool:
@@ -137,6 +139,10 @@ def test_hub_killed_with_servers_running_and_starting(hub, docker_client):
         assert r.status_code in (201, 202), r.text
     for u in starting:
         _wait_for_step(hub, u, "Mounting root filesystem")
+    deadline = time.monotonic() + 60
+    while not re.search(r"late\d: Waiting for other starts", hub.log_path.read_text()):
+        assert time.monotonic() < deadline, "no start waited for a boot slot"
+        time.sleep(0.1)
     hub.stop(kill=True)
     hub.start()
 
@@ -164,7 +170,7 @@ def test_hub_killed_with_servers_running_and_starting(hub, docker_client):
         if not hub.api("GET", f"/users/{u}").json()["servers"]:
             hub.spawn(u, {"gpus": 1}, timeout=300)
     gpus = [visible_gpus(container_of(docker_client, u)) for u in starting]
-    assert all(len(g) == 1 for g in gpus) and gpus[0] != gpus[1], gpus
+    assert all(len(g) == 1 for g in gpus) and len(set().union(*gpus)) == len(starting), gpus
     with ThreadPoolExecutor(max_workers=USERS) as pool:
         list(pool.map(lambda u: hub.unspawn(u, timeout=180), running + starting))
     assert mounts_under(state_dir(hub) / "mnt") == []
