@@ -39,6 +39,7 @@ from support.hubharness import node_hub  # noqa: E402
 from support.sshclient import keygen  # noqa: E402
 
 from labvm_spawner import images  # noqa: E402
+from labvm_spawner.monitor.cgroups import CgroupReader  # noqa: E402
 from labvm_spawner.ssh.keystore import KeyStore  # noqa: E402
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "4"))
@@ -72,20 +73,6 @@ def proc_cpu_s(pid: int) -> float:
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def cgroup_cpu_s(container_id: str) -> float:
-    """CPU seconds of the container's processes (cgroup v1 or v2)."""
-    for path in (f"/sys/fs/cgroup/cpuacct/docker/{container_id}/cpuacct.usage",
-                 f"/sys/fs/cgroup/system.slice/docker-{container_id}.scope/cpu.stat"):
-        try:
-            text = Path(path).read_text()
-        except OSError:
-            continue
-        if path.endswith("usage"):
-            return int(text) / 1e9
-        return int(dict(line.split() for line in text.splitlines())["usage_usec"]) / 1e6
-    return float("nan")
-
-
 def main() -> int:
     client = docker.from_env()
     image = images.build_all(client)
@@ -103,6 +90,11 @@ def main() -> int:
         container = container_of(client, USER)
         ip = next(iter(container.attrs["NetworkSettings"]["Networks"].values()))["IPAddress"]
         gw_pid = gateway_pid(hub.env["LABVM_TEST_STATE"])
+        cgroups = CgroupReader()
+
+        def container_cpu_s() -> float:
+            reading = cgroups.read(container.id)
+            return reading.cpu_ns / 1e9 if reading else float("nan")
         opts = ["-F", "/dev/null", "-i", str(key), "-o", "IdentitiesOnly=yes", "-o",
                 "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o",
                 f"UserKnownHostsFile={tmp}/known_hosts", "-o", "LogLevel=ERROR"]
@@ -123,7 +115,7 @@ def main() -> int:
             extra, host = routes[route]
 
             def run() -> None:
-                b0, g0, c0 = busy_s(), proc_cpu_s(gw_pid), cgroup_cpu_s(container.id)
+                b0, g0, c0 = busy_s(), proc_cpu_s(gw_pid), container_cpu_s()
                 k0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 subprocess.run(["scp", "-q", *opts, *extra, str(data), f"{USER}@{host}:big.bin"],
                                check=True)
@@ -131,7 +123,7 @@ def main() -> int:
                 cpu.setdefault(route, []).append(busy_s() - b0)
                 parts.setdefault(route, []).append((
                     k1.ru_utime + k1.ru_stime - k0.ru_utime - k0.ru_stime,
-                    proc_cpu_s(gw_pid) - g0, cgroup_cpu_s(container.id) - c0))
+                    proc_cpu_s(gw_pid) - g0, container_cpu_s() - c0))
             return run
 
         times: dict[str, list[float]] = {}
