@@ -9,7 +9,11 @@ LABVM_BENCH_MFS_UPPER_FILES=100000 LABVM_BENCH_MFS_LOWER_FILES=200000).
 Env: LABVM_BENCH_UPPER_FILES (100000), LABVM_BENCH_LOWER_FILES (200000),
 LABVM_BENCH_MFS_UPPER_FILES (10000), LABVM_BENCH_MFS_LOWER_FILES (20000) - MooseFS
 creates ~1000 files/s here, so its default is smaller -, LABVM_BENCH_RUNS (3),
-LABVM_BENCH_TARGETS (local,moosefs), LABVM_BENCH_DIR (/var/tmp/labvm-bench).
+LABVM_BENCH_TARGETS (local,moosefs), LABVM_BENCH_DIR (/var/tmp/labvm-bench),
+LABVM_BENCH_SETTLE_S (35): the wait after each round's fresh copies of the lower and
+before the timed runs. ext4 without a journal (this machine's root) skips an inode freed
+in the last 30 s when it allocates one, so every create right after the previous round's
+copies were deleted scans past all of them: that noise hit whichever side ran first.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -44,7 +49,8 @@ def build(base: Path, n_upper: int, n_lower: int) -> tuple[Path, Path]:
     return lower, upper
 
 
-def run_target(name: str, work: Path, lower_src: Path, upper: Path, runs: int) -> float:
+def run_target(name: str, work: Path, lower_src: Path, upper: Path, runs: int,
+               settle: float) -> float:
     lower = work / "lower"
     if not lower.exists():
         copy_tree(lower_src, lower)
@@ -56,6 +62,7 @@ def run_target(name: str, work: Path, lower_src: Path, upper: Path, runs: int) -
                 shutil.rmtree(d)
             copy_tree(lower, d)
         subprocess.run(["sync"], check=True)
+        time.sleep(settle)
 
         def do_ours(a: Path = a) -> None:
             merge_upper(upper, a)
@@ -76,6 +83,7 @@ def run_target(name: str, work: Path, lower_src: Path, upper: Path, runs: int) -
 
 def main() -> int:
     runs = env_int("LABVM_BENCH_RUNS", 3)
+    settle = float(os.environ.get("LABVM_BENCH_SETTLE_S", 35))
     targets = os.environ.get("LABVM_BENCH_TARGETS", "local,moosefs").split(",")
     base = Path(os.environ.get("LABVM_BENCH_DIR", "/var/tmp/labvm-bench"))
     ratios = []
@@ -85,7 +93,7 @@ def main() -> int:
         lower, upper = build(base / f"src-{n_up}-{n_low}", n_up, n_low)
         work = base / "local"
         work.mkdir(parents=True, exist_ok=True)
-        ratios.append(run_target(f"local({n_up}/{n_low})", work, lower, upper, runs))
+        ratios.append(run_target(f"local({n_up}/{n_low})", work, lower, upper, runs, settle))
         shutil.rmtree(work)
     if "moosefs" in targets:
         mnt = moosefs_up()
@@ -98,7 +106,7 @@ def main() -> int:
         work = mnt / "labvm-bench"
         work.mkdir(exist_ok=True)
         try:
-            ratios.append(run_target(f"moosefs({n_up}/{n_low})", work, lower, upper, runs))
+            ratios.append(run_target(f"moosefs({n_up}/{n_low})", work, lower, upper, runs, settle))
         finally:
             shutil.rmtree(work, ignore_errors=True)
     print(f"merge_ratio={max(ratios):.2f}")

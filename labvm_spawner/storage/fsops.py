@@ -18,8 +18,8 @@ from .safepath import read_xattrs, set_xattrs
 
 __all__ = ["OVL_PREFIX", "OVL_OPAQUE", "OVL_WHITEOUT", "OVL_REDIRECT", "OVL_METACOPY",
            "read_xattrs", "set_xattrs", "visible_xattrs", "is_char_whiteout", "set_meta",
-           "apply_meta", "apply_meta_fd", "open_regular", "copy_entry", "copy_file_data",
-           "read_umask", "refresh_umask", "fsync_dir", "syncfs"]
+           "apply_meta", "apply_meta_fd", "open_regular", "copy_entry", "rewrite_file",
+           "copy_file_data", "read_umask", "refresh_umask", "fsync_dir", "syncfs"]
 
 OVL_PREFIX = "trusted.overlay."
 # Overlayfs escapes a user's own trusted.overlay.* xattr by doubling the prefix.
@@ -220,6 +220,55 @@ def copy_entry(src_dir: int, src_name: str, dst_dir: int, dst_name: str,
         raise OSError(errno.EINVAL, f"cannot copy file type {stat.S_IFMT(mode):o}", src_name)
     apply_meta(dst_dir, dst_name, st, xattrs)
     return st
+
+
+def rewrite_file(src_dir: int, src_name: str, dst_dir: int, dst_name: str,
+                 st: os.stat_result, xattrs: dict[str, bytes]) -> bool:
+    """Make the existing regular file ``dst_name`` (in a private copy, not shared with
+    another link) a copy of ``src_name``, keeping its inode.
+
+    For local disks: an unlinked inode is one that ext4 without a journal skips for 30 s
+    when it allocates the next, so unlinking and creating many files in one directory
+    makes each create scan past all those freed before it. The bytes are written over the
+    old ones and the file cut to size, never truncated to zero first (which makes ext4
+    write the file out when it is closed). Returns False, touching nothing, when
+    ``dst_name`` is not a single-link regular file.
+    """
+    dst = safepath.lstat_or_none(dst_dir, dst_name)
+    # Never open anything but a regular file: opening a device node can have effects.
+    if dst is None or not stat.S_ISREG(dst.st_mode) or dst.st_nlink != 1:
+        return False
+    fd_out = os.open(dst_name, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dst_dir)
+    try:
+        got = os.fstat(fd_out)
+        if (got.st_ino, got.st_nlink) != (dst.st_ino, 1):
+            raise OSError(errno.ESTALE, "replaced while being rewritten", dst_name)
+        fd_in = open_regular(src_dir, src_name, st)
+        try:
+            st = os.fstat(fd_in)
+            if st.st_size <= _SMALL and st.st_blocks * 512 >= st.st_size:
+                data = os.read(fd_in, st.st_size)
+                done = 0
+                while done < len(data):
+                    done += os.pwrite(fd_out, data[done:], done)
+                if got.st_size > len(data):
+                    os.ftruncate(fd_out, len(data))
+            else:  # large or sparse: holes are kept by copying into an empty file
+                os.ftruncate(fd_out, 0)
+                copy_file_data(fd_in, fd_out, st)
+        finally:
+            os.close(fd_in)
+        # Owner, mode, xattrs, times: in set_meta's order, skipping what already matches.
+        if (st.st_uid, st.st_gid) != (got.st_uid, got.st_gid):
+            os.fchown(fd_out, st.st_uid, st.st_gid)
+        if st.st_mode & _SPECIAL or stat.S_IMODE(st.st_mode) != stat.S_IMODE(got.st_mode):
+            os.fchmod(fd_out, stat.S_IMODE(st.st_mode))
+        set_xattrs(fd_out, None, xattrs, replace=True)
+        os.utime(fd_out, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return True
+    finally:
+        os.close(fd_out)
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
