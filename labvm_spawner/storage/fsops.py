@@ -247,16 +247,11 @@ def rewrite_file(src_dir: int, src_name: str, dst_dir: int, dst_name: str,
         fd_in = open_regular(src_dir, src_name, st)
         try:
             st = os.fstat(fd_in)
-            if st.st_size <= _SMALL and st.st_blocks * 512 >= st.st_size:
-                data = os.read(fd_in, st.st_size)
-                done = 0
-                while done < len(data):
-                    done += os.pwrite(fd_out, data[done:], done)
-                if got.st_size > len(data):
-                    os.ftruncate(fd_out, len(data))
-            else:  # large or sparse: holes are kept by copying into an empty file
+            if st.st_blocks * 512 < st.st_size:  # sparse: its holes must not show old bytes
                 os.ftruncate(fd_out, 0)
-                copy_file_data(fd_in, fd_out, st)
+            copy_file_data(fd_in, fd_out, st)
+            if got.st_size > st.st_size:
+                os.ftruncate(fd_out, st.st_size)
         finally:
             os.close(fd_in)
         # Owner, mode, xattrs, times: in set_meta's order, skipping what already matches.
