@@ -5,6 +5,7 @@ runs) is a table here; the real hub, containers and sshd are in e2e/test_ssh.py.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from labvm_spawner.ssh import hostkey
+from labvm_spawner.ssh import fastpath, hostkey
 from labvm_spawner.ssh.gateway import AuditLog, Gateway, Route, Stopped
 from labvm_spawner.ssh.keystore import KeyStore
 from labvm_spawner.ssh.throttle import Throttle
@@ -127,6 +128,30 @@ def test_a_jump_reaches_only_port_22_of_ones_own_server(scene) -> None:
     p = scene.ssh(key, "alice", "-N", "-o", "ExitOnForwardFailure=yes", "-R", "0:localhost:22")
     assert p.returncode != 0
     assert any(r["event"] == "forward-refused" and r["kind"] == "remote" for r in scene.audit())
+
+
+def test_bytes_cross_the_gateway_intact_both_ways_across_rekeys(scene, monkeypatch) -> None:
+    """The gateway's own packet handling (fastpath) on the asyncssh it runs with: 48 MiB
+    of random bytes to the echo server and back, with the client renewing its keys
+    every MiB, so key changes fall in the middle of the gateway's reads."""
+    tuned: list[bool] = []
+    real_tune = fastpath.tune
+    monkeypatch.setattr(fastpath, "tune", lambda conn: tuned.append(real_tune(conn))
+                        or tuned[-1])
+    key = scene.keygen("alice")
+    scene.keys.add("alice", (key.with_suffix(".pub")).read_text())
+    data = os.urandom(48 << 20)
+    for cipher in ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com"):
+        p = subprocess.run(
+            ["ssh", "-F", "/dev/null", "-p", str(scene.port), "-i", str(key), "-o",
+             "IdentitiesOnly=yes", "-o", "IdentityAgent=none", "-o", "BatchMode=yes", "-o",
+             "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o",
+             "RekeyLimit=1M", "-c", cipher, "-W", "default:22", "alice@127.0.0.1"],
+            input=data, capture_output=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        assert len(p.stdout) == len(data)
+        assert hashlib.sha256(p.stdout).digest() == hashlib.sha256(data).digest(), cipher
+    assert tuned == [True, True]  # the installed asyncssh has what the fast path needs
 
 
 def test_a_stopped_server_is_named_and_a_session_can_start_it(scene) -> None:

@@ -35,6 +35,7 @@ import asyncssh
 from .. import names
 from ..errors import LabVMError
 from ..node.protocol import SSHD_PORT
+from . import fastpath
 from .keystore import KeyStore
 from .throttle import Throttle
 
@@ -238,6 +239,7 @@ class _Server(asyncssh.SSHServer):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
         self.source = (conn.get_extra_info("peername") or ("?",))[0]
+        fastpath.tune(conn)
 
     def connection_lost(self, exc: Exception | None) -> None:
         # A connection that asked to log in and left without: one failed login.
