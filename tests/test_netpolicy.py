@@ -16,7 +16,8 @@ from labvm_spawner.node.netpolicy import FWD, IN, Policy
 
 POLICY = Policy(bridge="br-test0", hub_api=[("10.78.0.1", 8081), ("172.18.0.1", 8082)],
                 dns=["10.255.255.53"], cluster_nets=["10.78.0.0/24", "10.77.0.0/24"],
-                allow_nets=["10.78.0.200/32"], local_addresses={"172.18.0.1", "10.78.0.11"})
+                allow_nets=["10.78.0.200/32"], local_addresses={"172.18.0.1", "10.78.0.11"},
+                container_nets=["172.18.0.0/16"])
 
 
 def test_rules_as_literal_values() -> None:
@@ -28,6 +29,11 @@ def test_rules_as_literal_values() -> None:
             ["-d", "10.255.255.53/32", "-p", "tcp", "-m", "tcp", "--dport", "53", "-j",
              "RETURN"],
             ["-d", "10.78.0.1/32", "-p", "tcp", "-m", "tcp", "--dport", "8081", "-j", "RETURN"],
+            # other containers: logged (new connections, rate-limited), then refused
+            ["-d", "172.18.0.0/16", "-m", "conntrack", "--ctstate", "NEW", "-m", "limit",
+             "--limit", "10/min", "--limit-burst", "20", "-j", "LOG", "--log-prefix",
+             "labvm refused: "],
+            ["-d", "172.18.0.0/16", "-j", "REJECT", "--reject-with", "icmp-port-unreachable"],
             ["-d", "10.78.0.200/32", "-j", "RETURN"],
             ["-d", "10.78.0.0/24", "-j", "REJECT", "--reject-with", "icmp-port-unreachable"],
             ["-d", "10.77.0.0/24", "-j", "REJECT", "--reject-with", "icmp-port-unreachable"],
@@ -90,7 +96,10 @@ def test_install_is_idempotent_merges_nodes_and_removes_cleanly(tmp_path: Path) 
     assert first.count("-A INPUT -i br-test0 -j LABVM-IN") == 1
     assert "-A LABVM-FWD -d 10.77.0.0/24 -j REJECT --reject-with icmp-port-unreachable" in first
     assert "-A LABVM-IN -j REJECT --reject-with icmp-port-unreachable" in first
-    assert sum(line.startswith("-A LABVM-FWD") for line in first) == 7
+    assert '-A LABVM-FWD -d 172.18.0.0/16 -j REJECT --reject-with icmp-port-unreachable' in first
+    assert any(line.startswith("-A LABVM-FWD -d 172.18.0.0/16") and '--log-prefix "labvm refused: "'
+               in line for line in first), first
+    assert sum(line.startswith("-A LABVM-FWD") for line in first) == 9
     assert out["installed"]
     assert "-A LABVM-FWD -d 10.78.0.1/32 -p tcp -m tcp --dport 9000 -j RETURN" in out["both"]
     assert out["back"] == out["first"]

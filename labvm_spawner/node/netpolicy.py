@@ -10,6 +10,10 @@ The policy, for traffic coming from the containers' bridge:
 * the cluster's own networks (by default those of the node's interfaces, plus any
   named with ``cluster_nets``, such as the storage network) are refused, except for
   the ``allow_nets`` the lab lists (a package mirror inside them, say);
+* other containers (the ``container_nets``: the Docker networks of LabVM's nodes on this
+  host) are refused, and logged to the kernel log (``labvm refused:``, rate-limited), so
+  an admin sees who knocked on whose sshd or Jupyter; Docker's own inter-container rule
+  would only drop them, silently;
 * anything outside them (the package mirrors on the internet) can be reached;
 * the node itself is refused on every port but the hub's API (when the hub runs on it).
 
@@ -34,6 +38,10 @@ import docker
 from ..errors import LabVMError
 
 FWD, IN = "LABVM-FWD", "LABVM-IN"
+# New connections only, and at most a few lines a second: a container must not be able
+# to flood the node's kernel log.
+_LOG = ["-m", "conntrack", "--ctstate", "NEW", "-m", "limit", "--limit", "10/min",
+        "--limit-burst", "20", "-j", "LOG", "--log-prefix", "labvm refused: "]
 _DOCKER_BRIDGE_OPTION = "com.docker.network.bridge.name"
 
 
@@ -47,6 +55,7 @@ class Policy:
     cluster_nets: list[str] = field(default_factory=list)
     allow_nets: list[str] = field(default_factory=list)
     local_addresses: set[str] = field(default_factory=set)
+    container_nets: list[str] = field(default_factory=list)
 
     def rules(self) -> dict[str, list[list[str]]]:
         """The rules of both chains, in order (what ``install`` makes them hold)."""
@@ -63,6 +72,9 @@ class Policy:
                 inp.append(rule + ["-j", "ACCEPT"])
             else:
                 fwd.append(rule + ["-j", "RETURN"])
+        for net in self.container_nets:
+            fwd.append(["-d", net, *_LOG])
+            fwd.append(["-d", net, "-j", "REJECT", "--reject-with", "icmp-port-unreachable"])
         for net in self.allow_nets:
             fwd.append(["-d", net, "-j", "RETURN"])
         for net in self.cluster_nets:
@@ -117,7 +129,7 @@ def _merged(state_dir: Path) -> tuple[Policy, set[str]]:
         except (OSError, ValueError):
             continue
         bridges.add(p["bridge"])
-        for name in ("hub_api", "dns", "cluster_nets", "allow_nets"):
+        for name in ("hub_api", "dns", "cluster_nets", "allow_nets", "container_nets"):
             for item in p.get(name, []):
                 item = tuple(item) if name == "hub_api" else item
                 if item not in getattr(merged, name):
@@ -134,7 +146,7 @@ def _apply(policy: Policy, bridges: set[str]) -> None:
     rules = policy.rules()
     lines += [f":{chain} - [0:0]" for chain in rules]  # creates, or empties, the chain
     for chain, chain_rules in rules.items():
-        lines += [" ".join(["-A", chain, *rule]) for rule in chain_rules]
+        lines += [" ".join(["-A", chain, *map(_restore_arg, rule)]) for rule in chain_rules]
     lines.append("COMMIT")
     proc = subprocess.run(["iptables-restore", "-w", "--noflush"], input="\n".join(lines) + "\n",
                           capture_output=True, text=True)
@@ -148,6 +160,11 @@ def _apply(policy: Policy, bridges: set[str]) -> None:
             jump = ["-i", bridge, "-j", chain]
             if not _has(parent, jump):
                 _ipt("-I", parent, "1", *jump)
+
+
+def _restore_arg(arg: str) -> str:
+    # iptables-restore splits on spaces and takes double quotes (the log prefix has one).
+    return f'"{arg}"' if " " in arg else arg
 
 
 def remove() -> None:
@@ -251,4 +268,17 @@ def node_policy(client: docker.DockerClient, network_name: str, hub_api: list[st
     nets = [network(n) for n in cluster_nets]
     return Policy(bridge=bridge, hub_api=[endpoint(e) for e in hub_api], dns=nameservers(),
                   cluster_nets=own_nets + [n for n in nets if n not in own_nets],
-                  allow_nets=[network(n) for n in allow_nets], local_addresses=addresses)
+                  allow_nets=[network(n) for n in allow_nets], local_addresses=addresses,
+                  container_nets=subnets_of(client, network_name))
+
+
+def subnets_of(client: docker.DockerClient, network: str) -> list[str]:
+    """The IPv4 subnets of a Docker network (where its containers get addresses)."""
+    ipam = client.networks.get(network).attrs.get("IPAM") or {}
+    out = []
+    for cfg in ipam.get("Config") or []:
+        try:
+            out.append(str(ipaddress.IPv4Network(cfg.get("Subnet", ""), strict=False)))
+        except ValueError:
+            continue  # an IPv6 subnet: LabVM's network has none, and the policy is IPv4
+    return out

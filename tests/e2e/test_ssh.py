@@ -303,9 +303,15 @@ def test_users_reach_their_own_containers_over_ssh(hub_factory, docker_client, t
     sshd_log = sh(alice_c, "cat /run/labvm-sshd/sshd.log", root=True)[1]
     assert f"to connect to host {bob_ip} port 8888, but the request was denied" in sshd_log, \
         sshd_log[-3000:]
-    # Another container's sshd is out of reach from inside a container.
+    # Another container's sshd is out of reach from inside a container: refused at once,
+    # and the node's kernel log names who knocked on whose port.
+    alice_ip = next(iter(alice_c.attrs["NetworkSettings"]["Networks"].values()))["IPAddress"]
+    since = float(Path("/proc/uptime").read_text().split()[0]) - 1
     rc, out = sh(alice_c, f"timeout 5 bash -c 'echo > /dev/tcp/{bob_ip}/22' && echo open")
-    assert "open" not in out
+    assert "open" not in out and "Connection refused" in out, out
+    knocks = [line for line in kernel_log(since) if "labvm refused: " in line
+              and f"SRC={alice_ip} DST={bob_ip} " in line and " DPT=22 " in line]
+    assert knocks, kernel_log(since)[-20:]
 
     # ---- keys change on running servers ------------------------------------------------
     key_id = page["keys"][0]["id"]
@@ -334,3 +340,18 @@ def test_users_reach_their_own_containers_over_ssh(hub_factory, docker_client, t
     # Bob's login still works: failures above were counted against alice's source only
     # within limits, and bob's own key was never refused.
     assert bob.ssh("id -un", check=True).stdout.strip() == BOB
+
+
+def kernel_log(since: float) -> list[str]:
+    """The host's kernel log from ``since`` (seconds since boot) on: where the node's
+    network policy logs what it refuses."""
+    out = subprocess.run(["dmesg"], capture_output=True, text=True, check=True).stdout
+    lines = []
+    for line in out.splitlines():
+        stamp = line[1:line.find("]")].strip() if line.startswith("[") else ""
+        try:
+            if float(stamp) >= since:
+                lines.append(line)
+        except ValueError:
+            continue
+    return lines
