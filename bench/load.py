@@ -6,6 +6,11 @@ API, then stops them all; then the same on the other hub. The order alternates
 every round. A user's time is from its POST to the hub reporting its server ready;
 a start that fails counts as a failure, with the hub's message.
 
+Each user follows its start on the hub's progress stream, as the spawn page in a
+browser does (one open request). BENCH_LOAD_FOLLOW=poll asks the REST API for the user
+four times a second instead: ten pollers add a load of their own to the hub, and the
+longer a start takes, the more of it.
+
     .venv/bin/python bench/load.py     # BENCH_LOAD_USERS=10, BENCH_ROUNDS=2
 
 BENCH_CONCURRENT_STARTS sets LabVM's concurrent_starts (0: its default, one per CPU).
@@ -29,6 +34,7 @@ from support.hubharness import Hub, HubError
 USERS = int(os.environ.get("BENCH_LOAD_USERS", "10"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "2"))
 ROOT = Path(os.environ.get("LABVM_TEST_ROOT", "/var/lib/labvm-test"))
+FOLLOW = os.environ.get("BENCH_LOAD_FOLLOW", "progress")
 
 
 def p95(values: list[float]) -> float:
@@ -40,7 +46,10 @@ def p95(values: list[float]) -> float:
 def timed_spawn(hub: Hub, user: str) -> float | str:
     t0 = time.perf_counter()
     try:
-        hub.spawn(user, timeout=300)
+        if FOLLOW == "poll":
+            hub.spawn(user, timeout=300)
+        else:
+            hub.spawn_followed(user, timeout=300)
     except HubError as e:
         return str(e).splitlines()[0][:300]
     return time.perf_counter() - t0
@@ -76,6 +85,8 @@ def main() -> int:
               f"p95 {p95(v):.2f}s  failures {len(failures[kind])}")
         for msg in failures[kind][:5]:
             print(f"    failed: {msg}")
+    how = "polling the REST API" if FOLLOW == "poll" else "its progress stream"
+    print(f"each start followed by {how}")
     ours, theirs = (p95(times[k] or [math.inf]) for k in KINDS)
     print(f"load_ratio={ours / theirs:.3f}")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -146,6 +147,29 @@ class Hub:
                 raise HubError(f"start failed: {self.spawn_failure(name, server)}")
             time.sleep(self.poll_interval)
         raise HubError(f"server of {name} not ready in {timeout} s:\n{self.log_tail()}")
+
+    def spawn_followed(self, name: str, server: str = "", timeout: float = 300) -> None:
+        """Start a server and follow its progress stream until the hub says it is ready,
+        as the spawn page in a browser does: one open request, no polling.
+
+        A refused or failed start raises HubError with the hub's message.
+        """
+        r = self.api("POST", self.server_path(name, server), json={})
+        if r.status_code not in (201, 202):
+            raise HubError(f"{r.status_code}: {_message(r)}")
+        path = self.server_path(name, server) + "/progress"
+        with requests.get(f"{self.url}/hub/api{path}", stream=True, timeout=timeout,
+                          headers={"Authorization": f"token {self.token}"}) as stream:
+            for line in stream.iter_lines(decode_unicode=True):
+                if not line or not line.startswith("data:"):
+                    continue
+                event = json.loads(line[5:])
+                if event.get("ready"):
+                    return
+                if event.get("failed"):
+                    raise HubError(f"start failed: {event.get('message', '')}")
+        raise HubError(f"the progress stream of {name} ended before the server was ready:\n"
+                       f"{self.log_tail()}")
 
     def spawn_failure(self, name: str, server: str = "") -> str:
         """The hub's message for a failed spawn, as the user's progress stream shows it."""
