@@ -143,6 +143,10 @@ def open_regular(dirfd: int, name: str, st: os.stat_result | None = None) -> int
 def _copy_range(fd_in: int, fd_out: int, start: int, end: int) -> None:
     pos = start
     while pos < end:
+        if pos > start and os.fstat(fd_in).st_nlink == 0:
+            # Deleted while we copy: our descriptor alone keeps its blocks, and a user
+            # who removed a big file to free room would wait for the whole copy.
+            raise FileNotFoundError(errno.ENOENT, "deleted while it was being copied")
         n = min(_CHUNK, end - pos)
         try:
             done = os.copy_file_range(fd_in, fd_out, n, pos, pos)

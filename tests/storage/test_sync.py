@@ -8,15 +8,18 @@ never linked together, and merging the copy must give what merging the upper giv
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
 import uuid
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from labvm_spawner.storage import fsops
 from labvm_spawner.storage.merge import merge_into_new
 from labvm_spawner.storage.sync import UpperSync
 
@@ -313,3 +316,24 @@ def test_first_sync_keeps_every_mode_whatever_the_umask(tmp_path: Path) -> None:
             got = os.lstat(mirror / "d" / f"f{i}")
             assert (stat.S_IMODE(got.st_mode), got.st_uid) == (mode, 1000 + i), (umask, i)
         _check(upper, mirror)
+
+
+def test_a_file_deleted_while_it_is_copied_is_let_go(tmp_path: Path) -> None:
+    """A user removes a big file to free room while the sync reads it: the copy stops
+    within a chunk (its descriptor alone was keeping the blocks) and says the file went."""
+    src, dst = tmp_path / "big", tmp_path / "copy"
+    fd = os.open(src, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    os.write(fd, os.urandom(1 << 20) * 64)
+    os.close(fd)
+    fd_in = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+    fd_out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        st_in = os.fstat(fd_in)
+        src.unlink()  # what the user's rm does while the sync holds the file open
+        with pytest.raises(FileNotFoundError) as e:
+            fsops.copy_file_data(fd_in, fd_out, st_in)
+        assert e.value.errno == errno.ENOENT
+        assert os.fstat(fd_out).st_size < st_in.st_size // 4
+    finally:
+        os.close(fd_in)
+        os.close(fd_out)
