@@ -71,6 +71,8 @@ def test_a_full_quota_fails_only_its_own_root(tmp_path: Path, uppers) -> None:
     assert is_subvolume(up / "alice") and is_subvolume(up / "bob")
     assert quotas.apply("alice", 32 * M).limit_bytes == 32 * M
     assert quotas.apply("bob", None).limit_bytes is None
+    listed = quotas.all_usage()  # what the monitor samples, in one listing
+    assert listed["alice"].limit_bytes == 32 * M and listed["bob"].limit_bytes is None
 
     with pytest.raises(OSError) as full:
         _write(alice.merged / "big", 64 * M)
@@ -95,13 +97,18 @@ def test_a_full_quota_fails_only_its_own_root(tmp_path: Path, uppers) -> None:
     quotas.change("alice", 128 * M)
     assert _write(alice.merged / "bigger", 80 * M) == 80 * M
     assert (alice.merged / "bigger").stat().st_size == 80 * M
+    assert quotas.all_usage()["alice"].used_bytes > 80 * M
+
+    # Quotas switched off on the file system: the node says so, the monitor lists none.
+    subprocess.run(["btrfs", "quota", "disable", str(up)], check=True)
+    assert not quotas.enabled() and quotas.all_usage() == {}
 
 
 def test_a_quota_on_a_node_without_the_quota_file_system_is_refused(tmp_path: Path) -> None:
     plain = tmp_path / "uppers"
     plain.mkdir()
     quotas = Quotas(plain)
-    assert not quotas.enabled()
+    assert not quotas.enabled() and quotas.all_usage() == {}
     quotas.make_base(plain / "alice")
     assert not is_subvolume(plain / "alice")
     assert quotas.apply("alice", None) is None  # no quota asked: nothing to enforce

@@ -175,11 +175,8 @@ class NodeOps:
             cpus += (hc.get("NanoCpus") or 0) / 1e9
             mem += hc.get("Memory") or 0
             servers[c.labels["labvm.key"]] = {"running": True}
-        store = self.store_probe.state
         for key in servers:
-            # The record is on the store: not asked while the store does not answer.
-            servers[key]["last_synced"] = self.syncing.last_synced(key) if store.reachable \
-                else None
+            servers[key]["last_synced"] = self._last_synced(key)
         return {
             "name": self.config.name,
             "gpus": [dict(asdict(g), holder=holders.get(g.uuid)) for g in inventory],
@@ -190,7 +187,7 @@ class NodeOps:
             "servers": servers,
             "asides": self.asides(),
             "housekeeping": self.housekept or {},
-            "store": store.to_json(),
+            "store": self.store_probe.state.to_json(),
         }
 
     # ---- start ------------------------------------------------------------------
@@ -427,9 +424,7 @@ class NodeOps:
             running = c.status in ("running", "created", "restarting")
             state = "running" if running else "exited"
             code = None if running else int(c.attrs.get("State", {}).get("ExitCode", 0) or 0)
-        reachable = self.store_probe.state.reachable  # the record is on the store
-        return {"state": state, "exit_code": code,
-                "last_synced": self.syncing.last_synced(key) if reachable else None,
+        return {"state": state, "exit_code": code, "last_synced": self._last_synced(key),
                 "synced_clean": self.uppers.is_clean(key),
                 "interrupted": self.interrupted.get(key) if state != "running" else None}
 
@@ -462,8 +457,7 @@ class NodeOps:
             released = self.allocator.release(key)
             if released:
                 log.info("released GPU(s) %s of %s", ", ".join(released), key)
-            return {"synced": synced,
-                    "last_synced": self.syncing.last_synced(key) if reachable else None}
+            return {"synced": synced, "last_synced": self._last_synced(key)}
 
     def set_ssh_keys(self, key: str, ssh_keys: list[str]) -> dict:
         """Give a running server its user's current SSH keys (the sshd reads them)."""
@@ -516,7 +510,12 @@ class NodeOps:
         crashpoint("node.sync")
         with self.key_lock(key):
             ok = self.syncing.sync(key, final=self._container(key) is None)
-        return {"synced": ok, "last_synced": self.syncing.last_synced(key)}
+        return {"synced": ok, "last_synced": self._last_synced(key)}
+
+    def _last_synced(self, key: str) -> float | None:
+        """When ``key`` last synced; None while the store does not answer (the record is
+        on the store, and a call there would hang until it is back)."""
+        return self.syncing.last_synced(key) if self.store_probe.state.reachable else None
 
     def sync_running(self) -> None:
         """One round of background sync over every running server of this node (and a

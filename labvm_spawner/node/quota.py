@@ -170,9 +170,12 @@ class Quotas:
 
     def all_usage(self) -> dict[str, Usage]:
         """Every root's usage and limit, from one listing (what the monitor samples)."""
-        if not self.enabled():
+        if _fstype(self.uppers) != "btrfs":
             return {}
-        out = _btrfs("qgroup", "show", "-r", "--raw", str(self.uppers))
+        try:  # the listing itself says whether quotas are on: one btrfs run per sample
+            out = _btrfs("qgroup", "show", "-r", "--raw", str(self.uppers))
+        except QuotaError:
+            return {}
         return {path: u for path, u in filter(None, map(_parse, out.splitlines()))
                 if is_key(path)}
 
