@@ -14,6 +14,7 @@ import os
 import stat
 
 from . import safepath
+from .crash import crashpoint
 from .safepath import read_xattrs, set_xattrs
 
 __all__ = ["OVL_PREFIX", "OVL_OPAQUE", "OVL_WHITEOUT", "OVL_REDIRECT", "OVL_METACOPY",
@@ -208,6 +209,7 @@ def copy_entry(src_dir: int, src_name: str, dst_dir: int, dst_name: str,
             fd_out = os.open(dst_name, _CREATE, _create_mode(st), dir_fd=dst_dir)
             try:
                 copy_file_data(fd_in, fd_out, st)
+                crashpoint("copy.data_written")
                 _new_file_meta(fd_out, st, xattrs)
             finally:
                 os.close(fd_out)

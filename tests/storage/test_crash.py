@@ -208,6 +208,33 @@ def test_enough_distinct_crash_points() -> None:
     assert len(points) >= 20
 
 
+def test_a_copy_killed_between_its_bytes_and_its_times_is_made_again(tmp_path: Path,
+                                                                       overlay_ok: None) -> None:
+    """A new directory's files are written straight to their names. Killed after a file's
+    bytes but before its times, the copy has the upper's size, owner and mode, and the
+    second it was written as its mtime: when the upper's file is from that same second,
+    only the nanoseconds tell, and the next sync must copy it again."""
+    root, lower, upper = tmp_path / "store", tmp_path / "lower", tmp_path / "upper"
+    lower.mkdir()
+    make_upper(lower, upper, tmp_path / "w1", OPS_A)
+    store = open_store(root)
+    UpperSync(upper, store.sync_path(KEY), journal=False).sync()
+    make_upper(lower, upper, tmp_path / "w2", [("mkdir", "n", 0o755),
+                                               ("write", "n/z", b"z" * 5000)])
+    res = labvm("sync", "--store", root, "--upper", upper, "--key", KEY,
+                crash="copy.data_written", workers=1)
+    assert res.returncode == -9, f"crash point not reached: {res.stderr}"
+    mirror = store.sync_path(KEY)
+    half = os.lstat(mirror / "n" / "z")  # written in place: the bytes, not the times
+    assert half.st_size == 5000
+    later = half.st_mtime_ns // 10**9 * 10**9 + (half.st_mtime_ns + 5 * 10**8) % 10**9
+    os.utime(upper / "n" / "z", ns=(later, later), follow_symlinks=False)
+    done = labvm("sync", "--store", root, "--upper", upper, "--key", KEY, workers=1)
+    assert done.returncode == 0, done.stderr
+    assert treeops.snapshot(mirror) == treeops.snapshot(upper)
+    assert os.lstat(mirror / "n" / "z").st_mtime_ns == later
+
+
 TAKEOVER_POINTS = ["takeover.frozen", "takeover.owned"]
 PENDING_POINTS = ["commit.copied", "commit.merged", "publish.swapped", "pending.committed"]
 
