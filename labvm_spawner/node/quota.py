@@ -67,15 +67,20 @@ def _fstype(path: Path) -> str | None:
     return found
 
 
+def _listing(uppers: Path) -> str | None:
+    """``btrfs qgroup show -r --raw`` of ``uppers``; None unless it is the mount point of
+    a btrfs with quotas enabled (the listing itself says whether they are)."""
+    if _fstype(uppers) != "btrfs":
+        return None
+    try:
+        return _btrfs("qgroup", "show", "-r", "--raw", str(uppers))
+    except QuotaError:
+        return None  # "quotas not enabled"
+
+
 def quotas_on(uppers: Path) -> bool:
     """True when ``uppers`` is the mount point of a btrfs with quotas enabled."""
-    if _fstype(uppers) != "btrfs":
-        return False
-    try:
-        _btrfs("qgroup", "show", "--raw", str(uppers))
-    except QuotaError:
-        return False  # "quotas not enabled"
-    return True
+    return _listing(uppers) is not None
 
 
 def is_subvolume(path: Path) -> bool:
@@ -170,11 +175,8 @@ class Quotas:
 
     def all_usage(self) -> dict[str, Usage]:
         """Every root's usage and limit, from one listing (what the monitor samples)."""
-        if _fstype(self.uppers) != "btrfs":
-            return {}
-        try:  # the listing itself says whether quotas are on: one btrfs run per sample
-            out = _btrfs("qgroup", "show", "-r", "--raw", str(self.uppers))
-        except QuotaError:
+        out = _listing(self.uppers)  # one btrfs run per sample
+        if out is None:
             return {}
         return {path: u for path, u in filter(None, map(_parse, out.splitlines()))
                 if is_key(path)}

@@ -255,11 +255,11 @@ class _Pass:
         if (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_rdev) != (
                 mst.st_mode, mst.st_uid, mst.st_gid, mst.st_size, mst.st_rdev):
             return True
-        if st.st_mtime_ns != mst.st_mtime_ns and (
-                st.st_mtime_ns // 10**9 != mst.st_mtime_ns // 10**9 or mst.st_mtime_ns % 10**9):
-            # MooseFS keeps whole seconds: there only the seconds can be compared. A mirror
-            # that keeps nanoseconds must match to the nanosecond, or a copy killed between
-            # its bytes and its times (its mtime: the second it was written) looks done.
+        # The upper's mtime at the mirror's precision: MooseFS keeps whole seconds. A
+        # mirror that keeps nanoseconds must match to the nanosecond, or a copy killed
+        # between its bytes and its times (its mtime: the second it was written) looks done.
+        mtime = st.st_mtime_ns if mst.st_mtime_ns % 10**9 else st.st_mtime_ns // 10**9 * 10**9
+        if mtime != mst.st_mtime_ns:
             return True
         if safepath.read_xattrs(u, name) != safepath.read_xattrs(m, name):
             return True
