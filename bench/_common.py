@@ -1,4 +1,4 @@
-"""Helpers shared by the storage benchmarks (tree building, timing, MooseFS)."""
+"""Helpers shared by the benchmarks (tree building, timing, CPU, MooseFS)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,12 @@ def make_files(root: Path, names: list[str], payload: bytes) -> None:
 
 def file_names(n: int, per_dir: int, prefix: str) -> list[str]:
     return [f"{prefix}{i // per_dir:05d}/f{i % per_dir:04d}" for i in range(n)]
+
+
+def busy_s() -> float:
+    """CPU seconds the whole machine has spent busy (all cores), from /proc/stat."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(f) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def timed(fn: Callable[[], object]) -> float:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 
 import docker  # noqa: E402
-from _common import alternate  # noqa: E402
+from _common import alternate, busy_s  # noqa: E402
 from desktop import cleanup  # noqa: E402
 from support.helpers import container_of  # noqa: E402
 from support.hubharness import node_hub  # noqa: E402
@@ -48,12 +48,6 @@ ROOT = Path(os.environ.get("LABVM_TEST_ROOT", "/var/lib/labvm-test"))
 PORT = 20030
 SSH_PORT = 20052
 USER = "bench"
-
-
-def busy_s() -> float:
-    """CPU seconds the whole machine has spent busy (all cores), from /proc/stat."""
-    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(f) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def gateway_pid(state_dir: str) -> int:

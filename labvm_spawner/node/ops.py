@@ -34,6 +34,7 @@ from ..storage.crash import crashpoint
 from ..storage.health import StoreProbe
 from . import asides, containerspec, housekeeping, netpolicy, nvml, overlay
 from .allocations import GpuAllocator
+from .exitwatch import exit_watch
 from .interrupted import Interrupted
 from .network import ensure_network
 from .protocol import SERVER_PORT, Emit, Limits, NodeConfig, StartRequest
@@ -93,6 +94,7 @@ class NodeOps:
         slots = config.concurrent_starts or os.cpu_count() or 1
         self._start_slots = threading.BoundedSemaphore(slots)
         self._start_queue = 0  # starts waiting for a slot (under _lock)
+        self._container_limits: dict[str, tuple[float, int]] = {}  # by container id
         self._sync_backoff: dict[str, tuple[int, float]] = {}  # key -> (failures, retry at)
         ensure_network(self.client, config.network_name)
         self.policy = netpolicy.node_policy(self.client, config.network_name, config.hub_api,
@@ -154,13 +156,26 @@ class NodeOps:
         except docker.errors.NotFound:
             return None
 
-    def _running(self) -> list:
-        return self.client.containers.list(
-            filters={"label": ["labvm.key", f"labvm.node={self.config.name}"]}
-        )
+    def _running(self) -> list[dict]:
+        """The running containers of this node as the engine lists them (Id, Labels):
+        no inspect per container, since heartbeats and syncs ask while servers start."""
+        return self.client.api.containers(
+            filters={"label": ["labvm.key", f"labvm.node={self.config.name}"]})
 
     def live_keys(self) -> set[str]:
-        return {c.labels["labvm.key"] for c in self._running()}
+        return {c["Labels"]["labvm.key"] for c in self._running()}
+
+    def _limits_of(self, container_id: str) -> tuple[float, int]:
+        """CPUs and memory bytes of a container, inspected once: LabVM never changes them."""
+        got = self._container_limits.get(container_id)
+        if got is None:
+            try:
+                hc = self.client.api.inspect_container(container_id).get("HostConfig") or {}
+            except docker.errors.NotFound:
+                return 0.0, 0
+            got = ((hc.get("NanoCpus") or 0) / 1e9, hc.get("Memory") or 0)
+            self._container_limits[container_id] = got
+        return got
 
     # ---- inventory --------------------------------------------------------------
 
@@ -170,11 +185,14 @@ class NodeOps:
         holders = {r.uuid: r.owner for r in self.allocator.records()}
         cpus = mem = 0.0
         servers: dict[str, dict] = {}
-        for c in self._running():
-            hc = c.attrs.get("HostConfig", {})
-            cpus += (hc.get("NanoCpus") or 0) / 1e9
-            mem += hc.get("Memory") or 0
-            servers[c.labels["labvm.key"]] = {"running": True}
+        running = self._running()
+        for c in running:
+            c_cpus, c_mem = self._limits_of(c["Id"])
+            cpus += c_cpus
+            mem += c_mem
+            servers[c["Labels"]["labvm.key"]] = {"running": True}
+        live = {c["Id"] for c in running}
+        self._container_limits = {k: v for k, v in self._container_limits.items() if k in live}
         for key in servers:
             servers[key]["last_synced"] = self._last_synced(key)
         return {
@@ -392,25 +410,36 @@ class NodeOps:
     def _wait_for_server(self, container, timeout_s: float) -> None:
         """Return once Jupyter accepts connections; raise if the container dies first.
 
-        Probed on the container's own bridge address, from this node.
+        Probed on the container's own bridge address, from this node. Whether the
+        container still runs is read from its init process (``exitwatch``), not by asking
+        dockerd twice a second; where that process is not ours to see, dockerd is asked.
         """
         ip = container.attrs["NetworkSettings"]["Networks"][self.config.network_name][
             "IPAddress"]
         deadline = time.monotonic() + min(timeout_s, 120)
+        exited = exit_watch(container.attrs["State"].get("Pid") or 0)
         checked = time.monotonic()
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection((ip, SERVER_PORT), timeout=1).close()
-                return
-            except OSError:
-                pass
-            if time.monotonic() - checked > 0.5:
-                checked = time.monotonic()
-                container.reload()
-                if container.status != "running":
-                    logs = container.logs(tail=30).decode(errors="replace")
-                    raise LabVMError(f"the server's container stopped while starting:\n{logs}")
-            time.sleep(0.05)
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    socket.create_connection((ip, SERVER_PORT), timeout=1).close()
+                    return
+                except OSError:
+                    pass
+                # dockerd is still asked now and then: a PID that another namespace gave
+                # us would be some other process.
+                due = time.monotonic() - checked > (0.5 if exited is None else 10)
+                if due or (exited is not None and exited.exited()):
+                    checked = time.monotonic()
+                    container.reload()
+                    if container.status != "running":
+                        logs = container.logs(tail=30).decode(errors="replace")
+                        raise LabVMError(
+                            f"the server's container stopped while starting:\n{logs}")
+                time.sleep(0.05)
+        finally:
+            if exited is not None:
+                exited.close()
         # Not our call to give up: the hub's own http_timeout decides.
         log.warning("%s: Jupyter not listening yet; leaving it to the hub", container.name)
 
@@ -704,3 +733,4 @@ def _block_device(path: Path) -> str | None:
         target = target.parent
     node = Path("/dev") / target.name
     return str(node) if node.exists() else None
+

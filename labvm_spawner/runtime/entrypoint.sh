@@ -11,12 +11,21 @@ if [ -r /.labvm/secrets/env ]; then
   set -a; . /.labvm/secrets/env; set +a
 fi
 
-if ! getent passwd "$LABVM_USER" >/dev/null; then
+# Ten servers start at once on a small node: each process spawned here is CPU that
+# Jupyter's start waits for, so the account is read once and the shell does the parsing.
+created=""
+if ! entry=$(getent passwd "$LABVM_USER"); then
   if getent passwd "$uid" >/dev/null; then uidopt=""; else uidopt="--uid $uid"; fi
+  # "*": no password matches, and sshd does not take the account for locked ("!").
   # shellcheck disable=SC2086
-  useradd --create-home $uidopt --user-group --shell /bin/bash "$LABVM_USER"
+  useradd --create-home --no-log-init --password '*' $uidopt --user-group \
+    --shell /bin/bash "$LABVM_USER"
+  entry=$(getent passwd "$LABVM_USER")
+  created=1
 fi
-home=$(getent passwd "$LABVM_USER" | cut -d: -f6)
+IFS=: read -r _ _ acct_uid acct_gid _ home _ <<EOF
+$entry
+EOF
 [ -d "$home" ] || mkdir -p "$home"
 
 # Files are written only when they change: with the user's disk quota full, any write
@@ -35,8 +44,7 @@ export NVIDIA_VISIBLE_DEVICES=\"${NVIDIA_VISIBLE_DEVICES:-none}\""
 # with the secrets (and change there while it runs); no passwords, no root login. The
 # secrets are root's only, so sshd reads the keys as root (a command), not as the user.
 if [ -x /usr/sbin/sshd ]; then
-  mkdir -p /run/sshd /run/labvm-sshd
-  chmod 755 /run/sshd
+  mkdir -p -m 755 /run/sshd /run/labvm-sshd  # /run is the container's own tmpfs
   hostkey=/etc/ssh/ssh_host_ed25519_key  # the user's own, kept in their layer
   if [ ! -s "$hostkey" ]; then
     rm -f "$hostkey" "$hostkey.pub"
@@ -44,10 +52,14 @@ if [ -x /usr/sbin/sshd ]; then
       hostkey=/run/labvm-sshd/ssh_host_ed25519_key  # disk full: one for this start
       ssh-keygen -q -t ed25519 -N '' -f "$hostkey"; }
   fi
-  # sshd refuses a locked account ("!"): "*" unlocks it for keys, and no password matches.
-  case "$(getent shadow "$LABVM_USER" | cut -d: -f2)" in
-    '!'*) usermod -p '*' "$LABVM_USER" ;;
-  esac
+  # sshd refuses a locked account ("!"), as useradd makes them by default (an account
+  # from the image, or made by an older LabVM): "*" unlocks it for keys.
+  if [ -z "$created" ]; then
+    IFS=: read -r _ pw _ <<EOF
+$(getent shadow "$LABVM_USER")
+EOF
+    case "$pw" in '!'*) usermod -p '*' "$LABVM_USER" ;; esac
+  fi
   cat > /run/labvm-sshd/sshd_config <<EOF
 Port 22
 HostKey $hostkey
@@ -77,10 +89,8 @@ fi
 
 # Jupyter's runtime files (the server's, kernels' connection files) go on the /run
 # tmpfs, so a kernel or a terminal still opens when the disk quota is full.
-rt="/run/user/$(id -u "$LABVM_USER")"
-mkdir -p "$rt"
-chown "$LABVM_USER": "$rt"
-chmod 700 "$rt"
+rt="/run/user/$acct_uid"
+install -d -m 700 -o "$acct_uid" -g "$acct_gid" "$rt"
 
 cd "$home"
 exec setpriv --reuid="$LABVM_USER" --regid="$LABVM_USER" --init-groups \
