@@ -138,6 +138,20 @@ def test_migration_moves_everything_and_deletions_stay(testbed, hub):
     assert m["downtime_s"] and m["downtime_s"] > 0
     assert node_of(testbed, "alice") == other
     assert list(open_store(testbed.store).leases("alice")) == [other]  # the source let go
+    # What each node's heartbeat says it has committed (placement weighs it) is what its
+    # engine runs: alice's limits on the target, nothing left on the source.
+    limits = testbed.docker(other).containers.list(
+        filters={"label": "labvm.key=alice"})[0].attrs["HostConfig"]
+    deadline = time.monotonic() + 60
+    while True:
+        nodes = {n["name"]: n for n in admin(hub, "GET", "api/admin/state").json()["cluster_nodes"]}
+        if nodes[other]["servers"] == 1 and nodes[home]["servers"] == 0:
+            break
+        assert time.monotonic() < deadline, nodes
+        time.sleep(1)
+    assert (nodes[other]["cpus_committed"], nodes[other]["mem_committed"]) == (
+        limits["NanoCpus"] / 1e9, limits["Memory"])
+    assert (nodes[home]["cpus_committed"], nodes[home]["mem_committed"]) == (0, 0)
     # Each node's scheduled housekeeping shows on the admin Nodes page's data.
     deadline = time.monotonic() + 120
     while not all(n["housekeeping"].get("t") for n in
