@@ -418,6 +418,9 @@ class NodeOps:
             "IPAddress"]
         deadline = time.monotonic() + min(timeout_s, 120)
         exited = exit_watch(container.attrs["State"].get("Pid") or 0)
+        # dockerd is still asked now and then: a PID that another namespace gave us would
+        # be some other process.
+        ask_every = 0.5 if exited is None else 10.0
         checked = time.monotonic()
         try:
             while time.monotonic() < deadline:
@@ -426,10 +429,8 @@ class NodeOps:
                     return
                 except OSError:
                     pass
-                # dockerd is still asked now and then: a PID that another namespace gave
-                # us would be some other process.
-                due = time.monotonic() - checked > (0.5 if exited is None else 10)
-                if due or (exited is not None and exited.exited()):
+                if (time.monotonic() - checked > ask_every
+                        or (exited is not None and exited.exited())):
                     checked = time.monotonic()
                     container.reload()
                     if container.status != "running":
@@ -733,4 +734,3 @@ def _block_device(path: Path) -> str | None:
         target = target.parent
     node = Path("/dev") / target.name
     return str(node) if node.exists() else None
-
