@@ -8,17 +8,21 @@ import asyncio
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from labvm_spawner.ssh import fastpath, hostkey
 from labvm_spawner.ssh.gateway import AuditLog, Gateway, Route, Stopped
 from labvm_spawner.ssh.keystore import KeyStore
 from labvm_spawner.ssh.throttle import Throttle
+
+GREETING = b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u6\r\n"
 
 
 class Scene:
@@ -32,7 +36,8 @@ class Scene:
         self.running = {"alice": True}
         self.started: list[str] = []
         self.broken = False  # the hub stops answering
-        self.loop = asyncio.new_event_loop()
+        self.greeting = False  # alice's "sshd" speaks first, at once, as sshd does
+        self.loop = uvloop.new_event_loop()  # as the service runs it
         self.echo_port = 0
         self.port = 0
         ready = threading.Event()
@@ -42,7 +47,8 @@ class Scene:
                 raise OSError("Connection refused")
             if server or not self.running.get(user):
                 raise Stopped(f"LabVM: {user}'s server {server or 'default'} is not running")
-            return Route(user, "local", ip="127.0.0.1", port=self.echo_port)
+            return Route(user, "local", ip="127.0.0.1",
+                         port=self.greet_port if self.greeting else self.echo_port)
 
         async def start(user: str, server: str, say) -> None:
             say("[50%] starting")
@@ -70,9 +76,29 @@ class Scene:
             self.port = self.server.sockets[0].getsockname()[1]
             ready.set()
 
+        # The greeter answers from a thread of its own, at once, as sshd does: its
+        # version line can come in before the gateway has opened the client's channel.
+        self.greeter = socket.create_server(("127.0.0.1", 0))
+        self.greet_port = self.greeter.getsockname()[1]
+        threading.Thread(target=self._greet, daemon=True).start()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
         asyncio.run_coroutine_threadsafe(main(), self.loop).result(30)
         ready.wait(30)
+
+    def _greet(self) -> None:
+        while True:
+            try:
+                conn, _ = self.greeter.accept()
+            except OSError:  # closed
+                return
+            conn.sendall(GREETING)
+            threading.Thread(target=self._echo_blocking, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo_blocking(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
 
     def keygen(self, name: str) -> Path:
         key = self.tmp / f"id-{name}"
@@ -100,6 +126,7 @@ class Scene:
             time.sleep(0.05)
 
     def close(self) -> None:
+        self.greeter.close()
         self.loop.call_soon_threadsafe(self.server.close)
         self.loop.call_soon_threadsafe(self.loop.stop)
 
@@ -152,6 +179,19 @@ def test_bytes_cross_the_gateway_intact_both_ways_across_rekeys(scene, monkeypat
         assert len(p.stdout) == len(data)
         assert hashlib.sha256(p.stdout).digest() == hashlib.sha256(data).digest(), cipher
     assert tuned == [True, True]  # the installed asyncssh has what the fast path needs
+
+
+def test_what_the_sshd_says_first_reaches_the_client_every_time(scene) -> None:
+    """sshd sends its version line the moment it accepts, often before the gateway has
+    opened the client's channel: it must wait there, never be dropped (the client would
+    read sshd's key exchange as its banner, "banner line contains invalid characters")."""
+    key = scene.keygen("alice")
+    scene.keys.add("alice", (key.with_suffix(".pub")).read_text())
+    scene.greeting = True
+    got = [scene.ssh(key, "alice", "-W", "default:22", stdin="and then mine\n").stdout
+           for _ in range(30)]
+    want = GREETING.decode().replace("\r\n", "\n") + "and then mine\n"  # text mode
+    assert [g == want for g in got] == [True] * 30, [g for g in got if g != want][:3]
 
 
 def test_a_stopped_server_is_named_and_a_session_can_start_it(scene) -> None:

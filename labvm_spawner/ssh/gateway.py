@@ -37,6 +37,7 @@ from ..errors import LabVMError
 from ..node.protocol import SSHD_PORT
 from . import fastpath
 from .keystore import KeyStore
+from .relay import SocketSession, TunnelSession
 from .throttle import Throttle
 
 log = logging.getLogger("labvm.ssh")
@@ -339,8 +340,7 @@ class _Server(asyncssh.SSHServer):
                       source=self.source, target=target)
         try:
             if route.ip is not None:
-                assert self.conn is not None
-                return await self.conn.forward_connection(route.ip, route.port)
+                return await SocketSession.connect(route.ip, route.port)
             assert route.tunnel is not None
             return TunnelSession(await route.tunnel())
         except (OSError, LabVMError) as e:
@@ -348,65 +348,3 @@ class _Server(asyncssh.SSHServer):
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_CONNECT_FAILED,
                 f"the server's sshd on node {route.node} does not answer ({e})") from None
-
-
-class TunnelSession(asyncssh.SSHTCPSession):
-    """A direct-tcpip channel carried over a node agent's websocket tunnel, with flow
-    control both ways (a slow side pauses the other)."""
-
-    HIGH = 1 << 20
-
-    def __init__(self, ws: Any) -> None:
-        self.ws = ws
-        self.chan: asyncssh.SSHTCPChannel | None = None
-        self._writable = asyncio.Event()
-        self._writable.set()
-        self._pending = 0
-        self._task: asyncio.Task | None = None
-
-    def connection_made(self, chan: asyncssh.SSHTCPChannel) -> None:
-        self.chan = chan
-        self._task = asyncio.ensure_future(self._from_tunnel())
-
-    async def _from_tunnel(self) -> None:
-        assert self.chan is not None
-        try:
-            while (msg := await self.ws.read_message()) is not None:
-                if isinstance(msg, str):
-                    msg = msg.encode()
-                await self._writable.wait()
-                self.chan.write(msg)
-            self.chan.write_eof()
-        except Exception:  # the channel went away first
-            pass
-        finally:
-            self.chan.close()
-
-    def pause_writing(self) -> None:
-        self._writable.clear()
-
-    def resume_writing(self) -> None:
-        self._writable.set()
-
-    def data_received(self, data: bytes, datatype: int | None) -> None:
-        assert self.chan is not None
-        n = len(data)
-        fut = self.ws.write_message(data, binary=True)
-        self._pending += n
-        if self._pending > self.HIGH:
-            self.chan.pause_reading()
-        fut.add_done_callback(lambda _f: self._sent(n))
-
-    def _sent(self, n: int) -> None:
-        self._pending -= n
-        if self._pending <= self.HIGH // 2 and self.chan is not None:
-            self.chan.resume_reading()
-
-    def eof_received(self) -> bool:
-        self.ws.close()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.ws.close()
-        if self._task is not None:
-            self._task.cancel()
