@@ -116,6 +116,11 @@ def node_view(sample: Sample | None, node: str, drained: bool) -> dict[str, Any]
         "gpus": len(sample.gpus) if sample else 0,
         "gpus_held": sum(1 for g in sample.gpus if g.holder) if sample else 0,
         "containers": len(sample.containers) if sample else 0,
+        # What the running servers' limits take of the node (as placement counts it):
+        # the one place a one-node hub, which sends no heartbeat, shows it.
+        "cpus_committed": round(sum(c.cpu_limit for c in sample.containers), 3)
+        if sample else 0.0,
+        "mem_committed": sum(c.mem_limit for c in sample.containers) if sample else 0,
     }
 
 

@@ -64,6 +64,9 @@ def test_admin_and_user_views_on_real_servers(hub_factory, docker_client, tmp_pa
     synced = mon.wait(lambda s: root_of(s, ALICE)["last_sync"] != "never", timeout=30)
     assert root_of(synced, ALICE)["last_sync"].startswith("20")
     assert state["nodes"][0]["gpus_held"] == 3 and state["nodes"][0]["containers"] == 2
+    # What the two servers' limits commit of the node (one CPU and 1 GiB each).
+    assert state["nodes"][0]["cpus_committed"] == 2.0
+    assert state["nodes"][0]["mem_committed"] == 2 << 30
 
     # Real CPU figures: a busy loop in alice's container shows (limit: 1 CPU).
     sh(container_of(docker_client, ALICE), "nohup sh -c 'while :; do :; done' "
@@ -178,7 +181,10 @@ def browse(mon: Monitor) -> None:
                 if page_path == "admin/gpus":
                     assert page.locator("tr[data-uuid]").count() == 8
                     assert page.locator("td.held").first.inner_text().startswith(ALICE)
-                if page_path == "admin/nodes":  # the node's first scheduled housekeeping
+                if page_path == "admin/nodes":
+                    # What the running servers' limits commit, next to what is in use.
+                    assert page.inner_text("#nodes").count(" committed") == 2
+                    # The node's first scheduled housekeeping.
                     page.wait_for_selector("tr[data-housekeeping]", timeout=90000)
                     assert "tree(s) removed" in page.inner_text("#housekeeping")
                 page.screenshot(path=str(ARTIFACTS / shot), full_page=True)

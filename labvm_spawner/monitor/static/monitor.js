@@ -73,8 +73,8 @@
       const h = n.host || {};
       const age = n.t ? ` (sampled ${when(n.t * 1000)})` : "";
       return `<tr data-sampled="${esc(n.name)}"><td>${esc(n.name)}${n.up ? "" : ` <span class="down">down</span>${age}`}</td><td>${n.drained ? "<b>drained</b>" : "open"}</td>
-        <td class="num">${bar(h.cpu_percent || 0)} of ${h.cpu_count} CPUs</td>
-        <td class="num">${gib(h.mem_used)} / ${gib(h.mem_total)}</td>
+        <td class="num">${bar(h.cpu_percent || 0)} of ${h.cpu_count} CPUs<br>${num(n.cpus_committed)} committed</td>
+        <td class="num">${gib(h.mem_used)} / ${gib(h.mem_total)}<br>${gib(n.mem_committed || 0)} committed</td>
         <td class="num">${gib(h.upper_free)} free / ${gib(h.upper_total)}</td>
         <td class="num">${h.store_reachable === false
           ? `<span class="down">unreachable</span> since ${when(h.store_since * 1000)}`
