@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -152,6 +153,11 @@ def test_users_reach_their_own_containers_over_ssh(hub_factory, docker_client, t
     assert login["source"] == "127.0.0.1" and login["method"] == "publickey"
     fwd = wait_audit(hub, {"event": "forward", "user": ALICE})
     assert fwd["server"] == "default" and fwd["source"] == "127.0.0.1"
+
+    # Both hops, the jump and the session inside it, agree on AES-GCM.
+    verbose = alice.run("-v", "labvm", "true", check=True).stderr
+    ciphers = re.findall(r"kex: \S+ cipher: (\S+)", verbose)
+    assert len(ciphers) in (2, 4) and set(ciphers) == {"aes128-gcm@openssh.com"}, verbose
 
     # ---- scp and rsync of a tree, both ways ---------------------------------------
     src = tmp_path / "data"
