@@ -22,6 +22,10 @@ set -euo pipefail
 CMD=${1:-status}
 STATE=${2:-${LABVM_MFS_DIR:-/var/lib/labvm/mfs-test}}
 MNT="$STATE/mnt"
+# The same file system again, read-only with long caches: what roots read their layer
+# versions through (a node's cached_store_root; versions never change once published).
+CACHED="$STATE/mnt-cached"
+CACHED_OPTS=ro,nosuid,nodev,mfsattrcacheto=3600,mfsentrycacheto=3600,mfsnegentrycacheto=3600,mfsdirentrycacheto=3600
 BR=labvmmfs0
 NS_M=labvm-mfsm
 NS_C=labvm-mfsc
@@ -49,16 +53,17 @@ ensure_packages() {
     fi
 }
 
-is_mounted() { mountpoint -q "$MNT" 2>/dev/null; }
+is_mounted() { mountpoint -q "${1:-$MNT}" 2>/dev/null; }
 
 # A client mount whose mfsmount died (killed, or a machine restored from a snapshot)
 # stays in the mount table and answers "Transport endpoint is not connected" to
 # everything, so mkdir, mountpoint and rm all fail on it: detach it first.
 clear_dead_mount() {
-    awk -v m="$MNT" '$2 == m && $3 ~ /^fuse/ { found = 1 } END { exit !found }' /proc/mounts || return 0
-    stat "$MNT" >/dev/null 2>&1 && return 0
-    log "detaching the dead MooseFS mount at $MNT"
-    umount -l "$MNT"
+    local m=${1:-$MNT}
+    awk -v m="$m" '$2 == m && $3 ~ /^fuse/ { found = 1 } END { exit !found }' /proc/mounts || return 0
+    stat "$m" >/dev/null 2>&1 && return 0
+    log "detaching the dead MooseFS mount at $m"
+    umount -l "$m"
 }
 
 setup_net() {
@@ -139,6 +144,7 @@ up() {
     modprobe fuse 2>/dev/null || true
     setup_net
     clear_dead_mount
+    clear_dead_mount "$CACHED"
     write_configs
     if ! ns_running "$NS_M" mfsmaster; then
         ip netns exec "$NS_M" mfsmaster -a -c "$STATE/mfsmaster.cfg" start >"$STATE/master.log" 2>&1 ||
@@ -175,14 +181,22 @@ up() {
     done
     rm -f "$MNT/.labvm-probe"
     [ $ok = 1 ] || { log "chunkserver never became writable"; exit 1; }
+    if ! is_mounted "$CACHED"; then
+        mkdir -p "$CACHED"
+        mfsmount "$CACHED" -H "$MASTER_IP" -p -o "$CACHED_OPTS" <"$STATE/mfs.password" \
+            >"$STATE/mount-cached.log" 2>&1 || { cat "$STATE/mount-cached.log" >&2; exit 1; }
+    fi
     mfssetgoal -r 1 "$MNT" >/dev/null
     mfssettrashtime -r 0 "$MNT" >/dev/null
     echo "$MNT"
 }
 
 down() {
-    clear_dead_mount
-    if is_mounted; then umount "$MNT" 2>/dev/null || umount -l "$MNT"; fi
+    local m
+    for m in "$CACHED" "$MNT"; do
+        clear_dead_mount "$m"
+        if is_mounted "$m"; then umount "$m" 2>/dev/null || umount -l "$m"; fi
+    done
     local ns prog
     for ns in "$NS_C" "$NS_M"; do
         if contains_word "$ns" "$(ip netns list)"; then
@@ -229,6 +243,7 @@ status() {
     if ns_running "$NS_M" mfsmaster; then echo "master: running ($MASTER_IP)"; else echo "master: stopped"; rc=1; fi
     if ns_running "$NS_C" mfschunkserver; then echo "chunkserver: running ($CHUNK_IP)"; else echo "chunkserver: stopped"; rc=1; fi
     if is_mounted; then echo "mount: $MNT"; else echo "mount: none"; rc=1; fi
+    if is_mounted "$CACHED"; then echo "cached mount: $CACHED"; else echo "cached mount: none"; rc=1; fi
     return $rc
 }
 

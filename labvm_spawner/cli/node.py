@@ -190,6 +190,7 @@ class NodeAgent(NodeSettings, Application):
         "heartbeat": "NodeAgent.heartbeat", "hub-api": "NodeAgent.hub_api",
         "docker-url": "NodeAgent.docker_url", "state-dir": "NodeAgent.state_dir",
         "store-root": "NodeAgent.store_root", "image-layer-dir": "NodeAgent.image_layer_dir",
+        "cached-store-root": "NodeAgent.cached_store_root",
         "db-url": "NodeAgent.db_url", "network": "NodeAgent.network_name",
         "dev-root": "NodeAgent.dev_root", "nvidia-runtime": "NodeAgent.nvidia_runtime",
         "userns-remap-user": "NodeAgent.userns_remap_user",

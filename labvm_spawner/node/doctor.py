@@ -66,6 +66,33 @@ def store_mount(store_root: str) -> Check:
     return Check("layer store", True, f"MooseFS at {mnt} (nosuid,nodev)")
 
 
+CACHED_FIX = ("mount MooseFS a second time, read-only with long caches (README, \"Reading "
+              "layers\"), and set --cached-store-root to the store's root in it")
+
+
+def cached_store(store_root: str, cached_root: str) -> Check:
+    """Whether roots read their layer versions through a cached, read-only mount."""
+    name = "cached layer reads"
+    if not cached_root:
+        _, fstype, source = mount_of(store_root) if store_root else ("", "", "")
+        if not (fstype.startswith("fuse") and "mfs" in source + fstype):
+            return Check(name, True, "not needed: the store is not on MooseFS")
+        return Check(name, False, "roots read their layers through the store's own mount, "
+                     "where each file a container opens costs lookups in the MooseFS master",
+                     CACHED_FIX)
+    try:
+        store, cached = os.stat(store_root), os.stat(cached_root)
+    except OSError as e:
+        return Check(name, False, f"{e.filename}: {e.strerror}", CACHED_FIX)
+    if store.st_ino != cached.st_ino or store.st_dev == cached.st_dev:
+        return Check(name, False, f"{cached_root} is not the store at {store_root} seen "
+                     "through a second mount", CACHED_FIX)
+    mnt = mount_of(cached_root)[0]
+    if "ro" not in _mount_options(mnt):
+        return Check(name, False, f"{mnt} is mounted read-write", "remount it with -o ro")
+    return Check(name, True, f"through {mnt} (read-only)")
+
+
 def _mount_options(mnt: str) -> set[str]:
     with open("/proc/self/mountinfo") as f:
         for line in f:
@@ -164,6 +191,7 @@ def run_all(settings: Any, hub_url: str = "") -> list[Check]:
         client, info = None, None
         checks.append(docker_userns(None, str(e)))
     checks.append(store_mount(settings.store_root))
+    checks.append(cached_store(settings.store_root, settings.cached_store_root))
     try:
         gpus = len(nvml.read_inventory())
     except Exception:  # noqa: BLE001 - no driver: no GPUs

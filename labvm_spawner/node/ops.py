@@ -65,6 +65,8 @@ class NodeOps:
         self.client = (docker.DockerClient(base_url=config.docker_url) if config.docker_url
                        else docker.from_env())
         self.store = open_store(config.store_root or self.state / "store")
+        self.cached_store_root = (Path(config.cached_store_root) if config.cached_store_root
+                                  else None)
         # Users' trees hold setuid files and whatever else they made, owned by the userns
         # range: no host account but root may enter them. Overlay reads its layers and
         # dockerd binds the root's directories as root, so nothing needs more.
@@ -320,7 +322,13 @@ class NodeOps:
             if quota is not None and quota.limit_bytes is not None:
                 emit(45, f"Disk quota {quota.limit_bytes >> 20} MiB, "
                          f"{quota.used_bytes >> 20} MiB used")
-            layers = self.store.layers(key)
+            stored = self.store.layers(key)
+            layers = [overlay.through_cache(p, self.store.root, self.cached_store_root)
+                      for p in stored]
+            if self.cached_store_root is not None:
+                for p in (p for p, q in zip(stored, layers, strict=True) if p == q):
+                    log.warning("%s: layer %s is read through the store's own mount: the "
+                                "cached mount does not show it (yet)", key, p)
             # Before the mount: nothing may prune the versions this root stands on.
             self._lease(key, self.store.current_version(key))
             undo.append(lambda: self._release(key))

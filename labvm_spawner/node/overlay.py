@@ -46,6 +46,26 @@ def is_mounted(path: Path) -> bool:
     return str(path) in mount_points()
 
 
+def through_cache(layer: Path, store_root: Path, cached_root: Path | None) -> Path:
+    """``layer`` (a published version or pending layer under ``store_root``) as read
+    through the cached, read-only mount of the same store, when that mount shows the
+    very same directory; otherwise ``layer`` itself.
+
+    The cache may still hold what a path was before (looked up before it was
+    published, or a number used again after a prune): a different inode, or none, and
+    the root reads that layer through the store's own mount instead.
+    """
+    if cached_root is None:
+        return layer
+    cached = cached_root / layer.relative_to(store_root)
+    try:
+        if os.stat(cached).st_ino == os.stat(layer).st_ino:
+            return cached
+    except OSError:
+        pass
+    return layer
+
+
 def mount_root(paths: RootPaths, lowers: list[Path], owner: int) -> None:
     """Mount the overlay at ``paths.merged`` (idempotent: an existing mount is kept)."""
     for p in lowers:

@@ -70,6 +70,7 @@ class NodeConfig:
     docker_url: str = ""
     state_dir: str = "/var/lib/labvm"
     store_root: str = ""  # empty: <state_dir>/store
+    cached_store_root: str = ""  # empty: roots read their layers through store_root
     image_layer_dir: str = ""  # empty: <state_dir>/rootfs
     db_url: str = ""  # empty: sqlite:///<state_dir>/labvm.sqlite
     network_name: str = "labvm"

@@ -58,6 +58,16 @@ class NodeSettings(HasTraits):
         "nodes). Empty means <state_dir>/store.",
     ).tag(config=True)
 
+    cached_store_root = Unicode(
+        "",
+        help="The layer store's root as seen through a second, read-only MooseFS mount with "
+        "long cache timeouts (mfsmount -o ro,mfsentrycacheto=3600,mfsnegentrycacheto=3600,"
+        "mfsattrcacheto=3600,mfsdirentrycacheto=3600). Roots read their layer versions "
+        "through it: versions never change once published, and with the store mount's "
+        "caches off each file a container opens costs MooseFS lookups. Empty: through "
+        "store_root.",
+    ).tag(config=True)
+
     image_layer_dir = Unicode(
         "",
         help="Where image root filesystems are unpacked as shared overlay layers. Empty "
@@ -191,7 +201,8 @@ class NodeSettings(HasTraits):
         API as containers reach it."""
         return NodeConfig(
             name=self.node_name, docker_url=self.docker_url, state_dir=self.state_dir,
-            store_root=self.store_root, image_layer_dir=self.image_layer_dir,
+            store_root=self.store_root, cached_store_root=self.cached_store_root,
+            image_layer_dir=self.image_layer_dir,
             db_url=self.db_url, network_name=self.network_name, dev_root=self.dev_root,
             nvidia_runtime=self.nvidia_runtime, gpu_sharing=self.gpu_sharing,
             userns_remap_user=self.userns_remap_user, container_uid=self.container_uid,

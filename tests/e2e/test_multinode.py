@@ -316,6 +316,11 @@ def test_a_running_roots_version_outlives_prunes_from_elsewhere(testbed, hub, tm
     hub.spawn("lea", timeout=300)
     home = node_of(testbed, "lea")
     assert store.leases("lea")[home]["versions"] == [v2]
+    # Its root reads that version through the node's cached, read-only MooseFS mount.
+    from labvm_spawner.node.rootfs import layers_in_use
+
+    cached = testbed.node_path(home, testbed.store, cached=True) / "lea" / "versions"
+    assert str(cached / str(v2)) in layers_in_use()
     for i in range(5):  # as a restore or a merge on another node would
         (tmp_path / f"c{i}").mkdir()
         (tmp_path / f"c{i}" / f"c{i}").write_text(str(i))
@@ -697,6 +702,8 @@ def _doctor(testbed, n: str) -> subprocess.CompletedProcess:
                            "--state-dir", str(testbed.state(n)),
                            "--token-hash-file", str(testbed.work / f"{n}.token-hash"),
                            "--store-root", str(testbed.node_path(n, testbed.store)),
+                           "--cached-store-root",
+                           str(testbed.node_path(n, testbed.store, cached=True)),
                            "--hub-url", f"http://{HUB_IP}:{PORT}"],
                           capture_output=True, text=True, timeout=60)
 
@@ -724,6 +731,7 @@ def test_containers_reach_only_the_hub_api_and_the_outside(testbed, hub):
         doctor = _doctor(testbed, n)
         assert doctor.returncode == 0 and "LABVM-FWD" in doctor.stdout, doctor.stdout
         for what in ("dockerd: running, with userns-remap", "layer store: MooseFS",
+                     "cached layer reads: through",
                      "clock: within", "enrollment: enrolled", "container network policy: "
                      "in place"):
             assert what in doctor.stdout, (what, doctor.stdout)

@@ -36,6 +36,9 @@ NODE_IP = {"a": "10.78.0.11", "b": "10.78.0.12"}
 AGENT_PORT = 8741
 MFS_MASTER = "10.77.0.1"  # scripts/moosefs.sh
 MFS_NET = "10.77.0.0/24"
+# What scripts/moosefs.sh gives its cached mount (CACHED_OPTS).
+CACHED_MOUNT_OPTIONS = ("ro,nosuid,nodev,mfsattrcacheto=3600,mfsentrycacheto=3600,"
+                        "mfsnegentrycacheto=3600,mfsdirentrycacheto=3600")
 MFS_PASSWORD = Path(os.environ.get("LABVM_MFS_DIR", "/var/lib/labvm/mfs-test")) / "mfs.password"
 GPUS = {"a": [0, 1], "b": [2, 3]}
 
@@ -110,27 +113,29 @@ class Testbed:
         for n in NODE_IP:
             self.wait_up(n)
 
-    def node_path(self, n: str, path: Path) -> Path:
-        """Where node n sees ``path`` of the shared MooseFS (through its own mount)."""
-        return self.node_mnt(n) / path.relative_to(_mount_point(self.root))
+    def node_path(self, n: str, path: Path, cached: bool = False) -> Path:
+        """Where node n sees ``path`` of the shared MooseFS (through its own mount, or
+        its cached read-only one)."""
+        return self.node_mnt(n, cached) / path.relative_to(_mount_point(self.root))
 
-    def node_mnt(self, n: str) -> Path:
-        return NODE_STATE / n / "mfs"
+    def node_mnt(self, n: str, cached: bool = False) -> Path:
+        return NODE_STATE / n / ("mfs-cached" if cached else "mfs")
 
     def mount_store(self, n: str) -> None:
         """Each node mounts MooseFS itself, from its own namespace: the MooseFS tools
-        (mfsmakesnapshot) reach the master through their mount's local proxy."""
-        mnt = self.node_mnt(n)
-        mnt.mkdir(parents=True, exist_ok=True)
-        if os.path.ismount(mnt):
-            return
-        with open(MFS_PASSWORD) as password:  # -p: from stdin, never in a command line
-            r = _run("nsenter", f"--net=/var/run/netns/labvm-{n}", "mfsmount", str(mnt),
-                     "-H", MFS_MASTER, "-p", "-o",
-                     "nosuid,nodev,mfsattrcacheto=0,mfsentrycacheto=0,mfsdirentrycacheto=0",
-                     stdin=password, timeout=60)
-        if r.returncode != 0 or not os.path.ismount(mnt):
-            raise RuntimeError(f"node {n} could not mount MooseFS: {r.stderr}")
+        (mfsmakesnapshot) reach the master through their mount's local proxy. A second,
+        read-only mount with long caches is what its roots read layers through."""
+        for cached, opts in ((False, "nosuid,nodev,mfsattrcacheto=0,mfsentrycacheto=0,"
+                              "mfsdirentrycacheto=0"), (True, CACHED_MOUNT_OPTIONS)):
+            mnt = self.node_mnt(n, cached)
+            mnt.mkdir(parents=True, exist_ok=True)
+            if os.path.ismount(mnt):
+                continue
+            with open(MFS_PASSWORD) as password:  # -p: from stdin, never in a command line
+                r = _run("nsenter", f"--net=/var/run/netns/labvm-{n}", "mfsmount", str(mnt),
+                         "-H", MFS_MASTER, "-p", "-o", opts, stdin=password, timeout=60)
+            if r.returncode != 0 or not os.path.ismount(mnt):
+                raise RuntimeError(f"node {n} could not mount MooseFS at {mnt}: {r.stderr}")
 
     def load_image(self, n: str) -> None:
         """Copy the user image into the node's engine (no registry here): save | load."""
@@ -166,6 +171,7 @@ class Testbed:
             "--registry-dir", str(self.node_path(n, self.registry)), "--heartbeat", "1",
             "--docker-url", self.sock(n), "--state-dir", str(self.state(n)),
             "--store-root", str(self.node_path(n, self.store)), "--publish-ip", NODE_IP[n],
+            "--cached-store-root", str(self.node_path(n, self.store, cached=True)),
             "--secrets-root", str(NODE_RUN / n / "secrets"), "--sync-interval", "2",
             "--housekeeping-interval", "0.01",  # a round every 36 s: the tests see one
             "--hub-api", f"{HUB_IP}:{self.hub_port + 2}", "--cluster-net", MFS_NET,
@@ -361,8 +367,9 @@ class Testbed:
         for mp in sorted(mount_points(), key=len, reverse=True):
             if mp.startswith(f"{state}/mnt/") or mp.startswith(f"{NODE_RUN / n}/secrets"):
                 _run("umount", "-l", mp)
-        if os.path.ismount(self.node_mnt(n)):
-            _run("umount", "-l", str(self.node_mnt(n)))
+        for cached in (True, False):
+            if os.path.ismount(self.node_mnt(n, cached)):
+                _run("umount", "-l", str(self.node_mnt(n, cached)))
         if os.path.ismount(state / "uppers"):  # its btrfs goes too: the next bed starts empty
             _run("umount", "-l", str(state / "uppers"))
         for sub in ("uppers", "uppers.img", "mnt", "labvm.sqlite", "tls", "leases",
