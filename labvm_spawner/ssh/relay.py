@@ -29,6 +29,7 @@ class SocketSession(asyncssh.SSHTCPSession):
         self.chan: asyncssh.SSHTCPChannel | None = None
         self.transport: asyncio.Transport | None = None
         self._early: list[bytes] = []
+        self._out: list[bytes] = []  # channel data for the socket, written once per turn
         self._socket_eof = self._chan_eof = False
         self._closed = False
 
@@ -55,11 +56,20 @@ class SocketSession(asyncssh.SSHTCPSession):
             self.transport.resume_reading()
 
     def data_received(self, data: bytes, datatype: int | None) -> None:
-        if self.transport is not None:
-            self.transport.write(data)
+        # One read of the client's connection holds several packets: one writev for
+        # them all, not a send per packet.
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(data)
+
+    def _flush(self) -> None:
+        if self.transport is not None and self._out:
+            self.transport.writelines(self._out)
+        self._out.clear()
 
     def eof_received(self) -> bool:
         self._chan_eof = True
+        self._flush()
         if self.transport is not None and self.transport.can_write_eof():
             self.transport.write_eof()
         return not self._socket_eof  # both halves done: close the channel
@@ -74,6 +84,7 @@ class SocketSession(asyncssh.SSHTCPSession):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._flush()
         if self.transport is not None:
             self.transport.close()
 
