@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..storage.mounts import mount_of
+from ..storage.mounts import CACHED_MOUNT_OPTIONS, is_moosefs, mount_of
 from . import netpolicy, nvml
 from .userns import has_userns
 
@@ -66,16 +66,15 @@ def store_mount(store_root: str) -> Check:
     return Check("layer store", True, f"MooseFS at {mnt} (nosuid,nodev)")
 
 
-CACHED_FIX = ("mount MooseFS a second time, read-only with long caches (README, \"Reading "
-              "layers\"), and set --cached-store-root to the store's root in it")
+CACHED_FIX = (f"mount MooseFS a second time (mfsmount -o {CACHED_MOUNT_OPTIONS}) and set "
+              "--cached-store-root to the store's root in it (README, \"Reading layers\")")
 
 
 def cached_store(store_root: str, cached_root: str) -> Check:
     """Whether roots read their layer versions through a cached, read-only mount."""
     name = "cached layer reads"
     if not cached_root:
-        _, fstype, source = mount_of(store_root) if store_root else ("", "", "")
-        if not (fstype.startswith("fuse") and "mfs" in source + fstype):
+        if not (store_root and is_moosefs(store_root)):
             return Check(name, True, "not needed: the store is not on MooseFS")
         return Check(name, False, "roots read their layers through the store's own mount, "
                      "where each file a container opens costs lookups in the MooseFS master",

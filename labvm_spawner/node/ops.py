@@ -322,13 +322,8 @@ class NodeOps:
             if quota is not None and quota.limit_bytes is not None:
                 emit(45, f"Disk quota {quota.limit_bytes >> 20} MiB, "
                          f"{quota.used_bytes >> 20} MiB used")
-            stored = self.store.layers(key)
             layers = [overlay.through_cache(p, self.store.root, self.cached_store_root)
-                      for p in stored]
-            if self.cached_store_root is not None:
-                for p in (p for p, q in zip(stored, layers, strict=True) if p == q):
-                    log.warning("%s: layer %s is read through the store's own mount: the "
-                                "cached mount does not show it (yet)", key, p)
+                      for p in self.store.layers(key)]
             # Before the mount: nothing may prune the versions this root stands on.
             self._lease(key, self.store.current_version(key))
             undo.append(lambda: self._release(key))

@@ -8,12 +8,15 @@ offline by plain overlayfs rules (see ``labvm_spawner.storage``).
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LabVMError
+
+log = logging.getLogger("labvm.node")
 
 MOUNT_OPTIONS = "redirect_dir=off,metacopy=off,index=off,xino=off"
 
@@ -63,6 +66,8 @@ def through_cache(layer: Path, store_root: Path, cached_root: Path | None) -> Pa
             return cached
     except OSError:
         pass
+    log.warning("layer %s is read through the store's own mount: the cached mount does not "
+                "show it (yet)", layer)
     return layer
 
 

@@ -22,6 +22,7 @@ from traitlets import (
 )
 
 from ..names import is_node_name
+from ..storage.mounts import CACHED_MOUNT_OPTIONS
 from .protocol import CAPABILITIES, NodeConfig
 
 
@@ -61,9 +62,8 @@ class NodeSettings(HasTraits):
     cached_store_root = Unicode(
         "",
         help="The layer store's root as seen through a second, read-only MooseFS mount with "
-        "long cache timeouts (mfsmount -o ro,mfsentrycacheto=3600,mfsnegentrycacheto=3600,"
-        "mfsattrcacheto=3600,mfsdirentrycacheto=3600). Roots read their layer versions "
-        "through it: versions never change once published, and with the store mount's "
+        f"long cache timeouts (mfsmount -o {CACHED_MOUNT_OPTIONS}). Roots read their layer "
+        "versions through it: versions never change once published, and with the store mount's "
         "caches off each file a container opens costs MooseFS lookups. Empty: through "
         "store_root.",
     ).tag(config=True)

@@ -35,6 +35,13 @@ def mount_of(path: str | Path) -> tuple[str, str, str]:
     return best
 
 
+# A second, read-only mount of the store's MooseFS for roots to read layer versions
+# through (a node's cached_store_root): versions never change once published, so an
+# hour's caches are safe. scripts/moosefs.sh spells the same (CACHED_OPTS).
+CACHED_MOUNT_OPTIONS = ("ro,nosuid,nodev,mfsattrcacheto=3600,mfsentrycacheto=3600,"
+                        "mfsnegentrycacheto=3600,mfsdirentrycacheto=3600")
+
+
 def is_moosefs(path: str | Path) -> bool:
     _mnt, fstype, source = mount_of(path)
     return fstype.startswith("fuse") and (source.startswith("mfs#") or "mfs" in fstype)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import docker
 
+from labvm_spawner.storage.mounts import CACHED_MOUNT_OPTIONS
+
 from .hubharness import Hub
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,9 +38,6 @@ NODE_IP = {"a": "10.78.0.11", "b": "10.78.0.12"}
 AGENT_PORT = 8741
 MFS_MASTER = "10.77.0.1"  # scripts/moosefs.sh
 MFS_NET = "10.77.0.0/24"
-# What scripts/moosefs.sh gives its cached mount (CACHED_OPTS).
-CACHED_MOUNT_OPTIONS = ("ro,nosuid,nodev,mfsattrcacheto=3600,mfsentrycacheto=3600,"
-                        "mfsnegentrycacheto=3600,mfsdirentrycacheto=3600")
 MFS_PASSWORD = Path(os.environ.get("LABVM_MFS_DIR", "/var/lib/labvm/mfs-test")) / "mfs.password"
 GPUS = {"a": [0, 1], "b": [2, 3]}
 
