@@ -21,6 +21,7 @@ Last line: ssh_ratio=<direct time / gateway time> (goal >= 0.8).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import statistics
@@ -224,6 +225,9 @@ def main() -> int:
     finally:
         if sshd is not None:
             sshd.terminate()
+            sshd.wait(10)
+            with contextlib.suppress(OSError):
+                REF_CGROUP.rmdir()
         cleanup(hub, client, node, base)
         subprocess.run(["rm", "-rf", str(tmp)], check=False)
 
