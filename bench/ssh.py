@@ -76,7 +76,9 @@ def proc_cpu_s(pid: int) -> float:
 REF_PORT = 20053
 REF_USER = "labvm-bench-jump"  # a system account without a password, made here
 REF_CACHE = Path("/var/cache/labvm-bench/openssh-server")
-REF_CGROUP = Path("/sys/fs/cgroup/cpuacct/labvm-bench-jump")
+# cgroup v2 where it is the unified tree, else v1's cpuacct (this VM)
+_V2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+REF_CGROUP = Path("/sys/fs/cgroup" if _V2 else "/sys/fs/cgroup/cpuacct") / "labvm-bench-jump"
 
 
 def reference_sshd() -> str | None:
@@ -141,6 +143,10 @@ Ciphers aes128-gcm@openssh.com,aes256-gcm@openssh.com
 
 def reference_cpu_s() -> float:
     try:
+        if _V2:
+            stat = dict(line.split() for line in (REF_CGROUP / "cpu.stat").read_text()
+                        .splitlines())
+            return int(stat["usage_usec"]) / 1e6
         return int((REF_CGROUP / "cpuacct.usage").read_text()) / 1e9
     except OSError:
         return 0.0
